@@ -1,0 +1,95 @@
+"""Adapter: a function ``gs.Graph -> gs.Graph`` (onnx-graphsurgeon) used as an onnxopt pass.
+
+The model crosses into graphsurgeon as a protobuf whose large weights stay references to
+external data; after the round trip the original onnx-ir tensors are re-attached by name, so
+weights are not copied and external data still resolves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import onnx_graphsurgeon as gs
+import onnx_ir as ir
+
+from onnxopt.pass_api import Kind, Pass, PassResult
+from onnxopt.registry import register_pass
+
+GraphFn = Callable[[gs.Graph], "gs.Graph | None"]
+
+
+class GsFunctionPass(Pass):
+    """Base of passes made by :func:`gs_pass`; ``function`` is the user's graph rewrite."""
+
+    function: ClassVar[GraphFn | None] = None
+
+    def call(self, model: ir.Model) -> PassResult:
+        proto = ir.to_proto(model)
+        graph = gs.import_onnx(proto)
+        new_graph = type(self).function(graph) or graph
+        new_proto = gs.export_onnx(new_graph, do_type_check=False)
+        modified = new_proto.graph.SerializeToString() != proto.graph.SerializeToString()
+        if not modified:
+            return PassResult(model, False)
+        new_model = ir.serde.deserialize_model(new_proto)
+        reattached = _reattach_weights(model, new_model)
+        model.graph = new_model.graph
+        model.functions.clear()
+        model.functions.update(new_model.functions)
+        return PassResult(model, True, counts={"weights-reattached": reattached})
+
+
+def gs_pass(
+    function: GraphFn | None = None,
+    *,
+    name: str,
+    kind: Kind = "exact",
+    register: bool = True,
+) -> Any:
+    """Make a pass from ``function(graph: gs.Graph) -> gs.Graph``; usable as a decorator.
+
+    Args:
+        function: Rewrites the graph in place or returns a new one.
+        name: The pass name (kebab-case) used in pipeline specs.
+        kind: How the pass is verified: ``exact``, ``approximate`` or ``interface``.
+        register: Register the pass so that specs can name it.
+
+    Returns:
+        The new pass class (instantiate it, or name it in a spec).
+    """
+
+    def make(fn: GraphFn) -> type[Pass]:
+        doc = (fn.__doc__ or f"onnx-graphsurgeon pass {fn.__name__}").strip()
+        attrs = {"name": name, "kind": kind, "__doc__": doc, "function": staticmethod(fn)}
+        cls = type(f"GsPass_{fn.__name__}", (GsFunctionPass,), attrs)
+        return register_pass(cls) if register else cls
+
+    return make(function) if function is not None else make
+
+
+def _reattach_weights(old: ir.Model, new: ir.Model) -> int:
+    """Point the new model's weights back at the original tensors where they are unchanged."""
+    originals = {
+        name: value.const_value
+        for graph in (old.graph, *old.graph.subgraphs())
+        for name, value in graph.initializers.items()
+        if value.const_value is not None
+    }
+    base_dirs = {t.base_dir for t in originals.values() if isinstance(t, ir.ExternalTensor)}
+    count = 0
+    for graph in (new.graph, *new.graph.subgraphs()):
+        for name, value in graph.initializers.items():
+            original, tensor = originals.get(name), value.const_value
+            if not isinstance(tensor, ir.ExternalTensor):
+                continue
+            if isinstance(original, ir.ExternalTensor) and _same_place(original, tensor):
+                value.const_value = original
+                count += 1
+            elif len(base_dirs) == 1:
+                tensor.base_dir = next(iter(base_dirs))
+    return count
+
+
+def _same_place(a: ir.ExternalTensor, b: ir.ExternalTensor) -> bool:
+    return (a.location, a.offset, a.length) == (b.location, b.offset, b.length)

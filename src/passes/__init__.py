@@ -1,0 +1,1 @@
+"""Built-in passes, one per module; each registers itself when imported (see onnxopt.registry)."""

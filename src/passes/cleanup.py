@@ -1,0 +1,61 @@
+"""Remove what computes nothing: dead nodes and initializers, Identity, duplicates."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnx_ir.passes import common
+
+from onnxopt.pass_api import Pass, PassResult
+from onnxopt.passes._counting import initializer_count, op_histogram
+from onnxopt.registry import register_pass
+
+
+@register_pass
+class CleanupPass(Pass):
+    """Remove Identity nodes, common subexpressions, duplicate and unused initializers, dead nodes.
+
+    Rules (each counted by the nodes or initializers it removed):
+      1. ``identity``: Identity nodes are bypassed (graph outputs keep their names).
+      2. ``cse``: nodes computing the same op on the same inputs are merged.
+      3. ``dedup-initializers``: initializers with equal dtype, shape and bytes are merged; only
+         those up to ``dedup_max_elements`` are compared, so large weights are never read.
+      4. ``dead-nodes`` / ``unused-initializers``: whatever no output depends on is removed,
+         then unused functions and opset imports.
+    """
+
+    name = "cleanup"
+    kind = "exact"
+    dedup_max_elements: int = 1 << 20
+
+    def call(self, model: ir.Model) -> PassResult:
+        counts: dict[str, int] = {}
+        modified = False
+        steps = [
+            ("identity", common.IdentityEliminationPass()),
+            ("cse", common.CommonSubexpressionEliminationPass()),
+            ("dedup-initializers", common.DeduplicateInitializersPass(self.dedup_max_elements)),
+            ("dead-nodes", common.RemoveUnusedNodesPass()),
+            ("unused-functions", common.RemoveUnusedFunctionsPass()),
+            ("unused-opsets", common.RemoveUnusedOpsetsPass()),
+        ]
+        for rule, step in steps:
+            nodes, inits = sum(op_histogram(model).values()), initializer_count(model)
+            result = step(model)
+            modified |= result.modified
+            removed_nodes = nodes - sum(op_histogram(model).values())
+            removed_inits = inits - initializer_count(model)
+            if rule == "dead-nodes":
+                _add(counts, "dead-nodes", removed_nodes)
+                _add(counts, "unused-initializers", removed_inits)
+            elif rule == "dedup-initializers":
+                _add(counts, rule, removed_inits)
+            elif rule.startswith("unused-"):
+                _add(counts, rule, int(result.modified))
+            else:
+                _add(counts, rule, removed_nodes)
+        return PassResult(model, modified, counts=counts)
+
+
+def _add(counts: dict[str, int], rule: str, n: int) -> None:
+    if n > 0:
+        counts[rule] = counts.get(rule, 0) + n

@@ -1,0 +1,45 @@
+"""Fold constant subexpressions into initializers, under a size cap."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnxscript.optimizer import fold_constants
+
+from onnxopt.pass_api import Pass, PassResult
+from onnxopt.passes._counting import op_histogram, removed_ops
+from onnxopt.registry import register_pass
+
+
+@register_pass
+class FoldConstantsPass(Pass):
+    """Fold nodes whose inputs are all constant; never creates a tensor above the size cap.
+
+    Rules (counted by the op type folded away):
+      1. A node with constant inputs is evaluated and replaced by its value, unless the value has
+         more than ``max_output_elements`` elements and would grow the model (so ConstantOfShape,
+         Tile, Expand and Range never blow up into huge initializers).
+      2. Nodes with an input larger than ``max_input_elements`` are left alone (Transpose of a
+         weight used once is folded regardless, as it does not grow the model).
+      3. Shape computations are resolved from static shapes where they are known.
+      4. Nodes left dead by folding are removed.
+    """
+
+    name = "fold-constants"
+    kind = "exact"
+    max_output_elements: int = 65536
+    max_input_elements: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.max_output_elements < 0 or self.max_input_elements < 0:
+            raise ValueError("size caps must be >= 0")
+
+    def call(self, model: ir.Model) -> PassResult:
+        before = op_histogram(model)
+        result = fold_constants(
+            model,
+            input_size_limit=self.max_input_elements,
+            output_size_limit=self.max_output_elements,
+        )
+        ir.passes.common.RemoveUnusedNodesPass()(model)
+        counts = removed_ops(before, op_histogram(model))
+        return PassResult(model, result.modified or bool(counts), counts=counts)

@@ -1,0 +1,161 @@
+"""The pass manager: run passes in order, verify each change, roll back what breaks the model."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import onnx_ir as ir
+
+from onnxopt import golden as golden_mod
+from onnxopt import model_io, spec
+from onnxopt.errors import VerificationError
+from onnxopt.golden import GoldenSet
+from onnxopt.metrics import Metrics, compare_all
+from onnxopt.pass_api import Pass, PassResult
+from onnxopt.report import PassReport, Report
+from onnxopt.verify import first_diverging, structural_problems
+
+logger = logging.getLogger(__name__)
+
+
+class Pipeline:
+    """An ordered list of passes and how to check them.
+
+    Args:
+        passes: A pipeline spec (``"fold-constants,cleanup"``) or pass instances.
+        golden: The golden set; captured from the input model when None and ``verify`` is on.
+        verify: Check numerics after each pass that changed the model (structure: always).
+        tolerances: Per-kind overrides, e.g. ``{"exact": {"atol": 1e-3}}``.
+        keep_going: Roll back a failing pass and go on instead of stopping.
+        reproducer_dir: Where to write the model from just before a failing pass.
+        progress: Called with a short message as each pass starts.
+    """
+
+    def __init__(
+        self,
+        passes: str | Sequence[Pass],
+        *,
+        golden: GoldenSet | None = None,
+        verify: bool = True,
+        tolerances: dict[str, dict[str, float | None]] | None = None,
+        keep_going: bool = False,
+        reproducer_dir: str | Path | None = None,
+        reproducer_stem: str = "model",
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
+        self.passes = spec.build(passes) if isinstance(passes, str) else list(passes)
+        self.golden = golden
+        self.verify = verify
+        self.tolerances = tolerances or {}
+        self.keep_going = keep_going
+        self.reproducer_dir = Path(reproducer_dir) if reproducer_dir else None
+        self.reproducer_stem = reproducer_stem
+        self.progress = progress
+
+    @property
+    def spec(self) -> str:
+        return spec.to_spec(self.passes)
+
+    def run(self, model: ir.Model) -> tuple[ir.Model, Report]:
+        """Run every pass on ``model`` (changed in place); return the final model and report."""
+        report = Report(pipeline=self.spec, keep_going=self.keep_going)
+        if self.verify:
+            if self.golden is None:
+                self.golden = golden_mod.capture(model)
+            else:
+                golden_mod.check_inputs(model, self.golden.inputs)
+            report.golden = {
+                "cases": len(self.golden.inputs),
+                "source": self.golden.source,
+                "dims": self.golden.dims,
+            }
+        reference = self.golden.outputs if self.golden else None
+        for index, pass_ in enumerate(self.passes):
+            if self.progress:
+                self.progress(f"[{index + 1}/{len(self.passes)}] {pass_.to_spec()}")
+            entry, model, new_reference = self._run_one(pass_, model, reference)
+            report.passes.append(entry)
+            if entry.status in ("failed", "error"):
+                if not self.keep_going:
+                    break
+            elif new_reference is not None and pass_.kind == "approximate":
+                reference = new_reference
+        for pass_ in self.passes[len(report.passes) :]:
+            report.passes.append(PassReport(pass_.name, pass_.to_spec(), pass_.kind))
+        return model, report
+
+    def _run_one(self, pass_: Pass, model: ir.Model, reference):
+        entry = PassReport(pass_.name, pass_.to_spec(), pass_.kind)
+        entry.nodes_before = _count_nodes(model)
+        entry.bytes_before = model_io.weight_bytes(model)
+        before = model.clone()
+        start = time.perf_counter()
+        try:
+            result = pass_(model)
+        except Exception as err:
+            logger.debug("pass %s raised", pass_.name, exc_info=True)
+            entry.status, entry.reason = "error", f"{type(err).__name__}: {err}"
+            entry.seconds = time.perf_counter() - start
+            return self._rolled_back(entry, pass_, before), before, None
+        entry.seconds = time.perf_counter() - start
+        model = result.model
+        if isinstance(result, PassResult):
+            entry.counts, entry.notes = dict(result.counts), list(result.notes)
+        entry.nodes_after = _count_nodes(model)
+        entry.bytes_after = model_io.weight_bytes(model)
+        if not result.modified:
+            entry.status = "unchanged"
+            return entry, model, None
+
+        proto = ir.to_proto(model)
+        problems = structural_problems(model, proto)
+        if problems:
+            entry.status = "failed"
+            entry.reason = f"structure: {problems[0]}" + (
+                f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+            )
+            return self._rolled_back(entry, pass_, before), before, None
+        if not self.verify or self.golden is None or reference is None:
+            entry.status = "ok"
+            return entry, model, None
+
+        tol = self.golden.tolerance(pass_.kind, self.tolerances.get(pass_.kind))
+        entry.tolerance = tol.describe()
+        expected = self.golden.outputs if pass_.kind == "approximate" else reference
+        try:
+            outputs = pass_.run_golden(model, self.golden.inputs)
+            metrics = compare_all(expected, outputs, tol)
+        except VerificationError as err:
+            outputs, metrics = None, Metrics(passed=False, reason=str(err))
+        entry.metrics = metrics.as_dict()
+        if metrics.passed:
+            entry.status = "ok"
+            return entry, model, outputs
+        entry.status, entry.reason = "failed", metrics.reason
+        diverging = first_diverging(before, model, self.golden.inputs[0], tol)
+        if diverging:
+            name, worst = diverging
+            entry.first_diverging = {"name": name, **worst.as_dict()}
+        return self._rolled_back(entry, pass_, before), before, None
+
+    def _rolled_back(self, entry: PassReport, pass_: Pass, before: ir.Model) -> PassReport:
+        """Note the rollback and write a reproducer: the model before the pass, and its spec."""
+        entry.nodes_after, entry.bytes_after = entry.nodes_before, entry.bytes_before
+        logger.info("pass %s %s: %s (rolled back)", pass_.name, entry.status, entry.reason)
+        if self.reproducer_dir is None:
+            return entry
+        stem = self.reproducer_dir / f"{self.reproducer_stem}.before-{pass_.name}"
+        path = model_io.save(before, f"{stem}.onnx")
+        command = f"onnxopt run {path} -o {stem}.out.onnx --passes '{pass_.to_spec()}'"
+        if self.golden is not None:
+            golden_dir = self.golden.save(f"{stem}.golden")
+            command += f" --golden {golden_dir}"
+        entry.reproducer = {"model": str(path), "spec": pass_.to_spec(), "command": command}
+        return entry
+
+
+def _count_nodes(model: ir.Model) -> int:
+    return sum(1 for _ in model.graph.all_nodes())

@@ -1,0 +1,60 @@
+"""The pass registry: built-in passes load lazily by name; users register their own."""
+
+from __future__ import annotations
+
+import importlib
+
+from onnxopt.pass_api import Pass
+
+# name -> module that defines (and registers) the pass; imported on first use.
+_BUILTIN: dict[str, str] = {
+    "fold-constants": "onnxopt.passes.fold_constants",
+    "cleanup": "onnxopt.passes.cleanup",
+    "infer-shapes": "onnxopt.passes.infer_shapes",
+}
+# alias -> the pipeline spec it expands to.
+_ALIASES: dict[str, str] = {
+    "simplify": "fold-constants,cleanup,infer-shapes",
+}
+_PASSES: dict[str, type[Pass]] = {}
+
+
+def register_pass(cls: type[Pass] | None = None, *, replace: bool = False):
+    """Register a pass class under its ``name``; a decorator, with or without arguments."""
+
+    def register(pass_cls: type[Pass]) -> type[Pass]:
+        if not (isinstance(pass_cls, type) and issubclass(pass_cls, Pass)):
+            raise TypeError(f"{pass_cls!r} is not a subclass of onnxopt.Pass")
+        name = pass_cls.name
+        if not name or name != name.lower() or " " in name or "_" in name or "," in name:
+            raise ValueError(f"pass name must be kebab-case, got {name!r}")
+        taken = _PASSES.get(name)
+        builtin = name in _BUILTIN and pass_cls.__module__ != _BUILTIN[name]
+        if not replace and ((taken and taken is not pass_cls) or builtin or name in _ALIASES):
+            raise ValueError(f"a pass or alias named {name!r} is already registered")
+        _PASSES[name] = pass_cls
+        return pass_cls
+
+    return register(cls) if cls is not None else register
+
+
+def register_alias(name: str, spec: str, *, replace: bool = False) -> None:
+    """Make ``name`` expand to the pipeline ``spec`` (checked when it is used)."""
+    if not replace and (name in _ALIASES or name in pass_names()):
+        raise ValueError(f"a pass or alias named {name!r} is already registered")
+    _ALIASES[name] = spec
+
+
+def get_pass(name: str) -> type[Pass] | None:
+    """The pass class called ``name``, importing a built-in on first use; None if unknown."""
+    if name not in _PASSES and name in _BUILTIN:
+        importlib.import_module(_BUILTIN[name])
+    return _PASSES.get(name)
+
+
+def pass_names() -> list[str]:
+    return sorted(set(_BUILTIN) | set(_PASSES))
+
+
+def aliases() -> dict[str, str]:
+    return dict(_ALIASES)

@@ -1,0 +1,71 @@
+"""The pipeline report: what each pass did, what it cost, and whether it kept the model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+Status = Literal["ok", "unchanged", "failed", "error", "skipped"]
+
+
+@dataclasses.dataclass
+class PassReport:
+    """One pass's line in the report."""
+
+    name: str
+    spec: str
+    kind: str
+    status: Status = "skipped"
+    seconds: float = 0.0
+    nodes_before: int = 0
+    nodes_after: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    tolerance: str = ""
+    metrics: dict[str, Any] | None = None
+    reason: str = ""
+    first_diverging: dict[str, Any] | None = None
+    reproducer: dict[str, str] | None = None
+
+
+@dataclasses.dataclass
+class Report:
+    """The whole run: the pipeline as given, one entry per pass, and the outcome."""
+
+    pipeline: str
+    input: str = ""
+    output: str = ""
+    golden: dict[str, Any] = dataclasses.field(default_factory=dict)
+    passes: list[PassReport] = dataclasses.field(default_factory=list)
+    keep_going: bool = False
+
+    @property
+    def failed(self) -> list[PassReport]:
+        return [p for p in self.passes if p.status in ("failed", "error")]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    @property
+    def exit_code(self) -> int:
+        """0 if every pass held (or ``keep_going``), 3 if one failed verification, 1 on a crash."""
+        if self.ok or self.keep_going:
+            return 0
+        return 3 if any(p.status == "failed" for p in self.failed) else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["ok"] = self.ok
+        data["exit_code"] = self.exit_code
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def write(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")

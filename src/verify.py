@@ -1,0 +1,72 @@
+"""Checks after a pass: structure (checker, dangling values, order) and where numerics diverge."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxopt.errors import VerificationError
+from onnxopt.metrics import Metrics, Tolerance, compare
+from onnxopt.ort_runner import RunnableModel
+
+_PROTO_LIMIT = 2**31 - 1
+_MAX_EXPOSED = 5000  # intermediate values compared when looking for the first divergence
+
+
+def structural_problems(model: ir.Model, proto: onnx.ModelProto) -> list[str]:
+    """What is structurally wrong: dangling or out-of-order values, then the ONNX checker."""
+    problems = _graph_problems(model.graph, frozenset())
+    if not problems and proto.ByteSize() < _PROTO_LIMIT:
+        try:
+            onnx.checker.check_model(proto)
+        except (onnx.checker.ValidationError, ValueError) as err:
+            problems.append("onnx checker: " + " ".join(str(err).split())[:300])
+    return problems
+
+
+def _graph_problems(graph: ir.Graph, outer: frozenset[ir.Value]) -> list[str]:
+    available = set(outer) | set(graph.inputs) | set(graph.initializers.values())
+    problems = []
+    for node in graph:
+        for value in node.inputs:
+            if value is None or value in available:
+                continue
+            producer = value.producer()
+            where = f"node '{node.name}' ({node.op_type}) reads '{value.name}'"
+            if producer is None:
+                problems.append(f"{where}, which nothing produces")
+            else:
+                problems.append(f"{where} before '{producer.name}' produces it (not sorted)")
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                problems += _graph_problems(attr.as_graph(), frozenset(available))
+            elif attr.type == ir.AttributeType.GRAPHS:
+                for sub in attr.as_graphs():
+                    problems += _graph_problems(sub, frozenset(available))
+        available.update(node.outputs)
+    for value in graph.outputs:
+        if value not in available:
+            problems.append(f"graph output '{value.name}' is not produced")
+    return problems
+
+
+def first_diverging(
+    before: ir.Model, after: ir.Model, feeds: dict[str, np.ndarray], tol: Tolerance
+) -> tuple[str, Metrics] | None:
+    """The first value (in the new model's order) whose name exists in both models and differs."""
+    before_names = {v.name for node in before.graph for v in node.outputs if v.name}
+    common = [
+        v.name for node in after.graph for v in node.outputs if v.name and v.name in before_names
+    ][:_MAX_EXPOSED]
+    try:
+        old = RunnableModel(before, extra_outputs=common).run(feeds)
+        new = RunnableModel(after, extra_outputs=common).run(feeds)
+    except VerificationError:
+        return None
+    for name in [*common, *(v.name for v in after.graph.outputs)]:
+        if name in old and name in new:
+            metrics = compare(old[name], new[name], tol, name)
+            if not metrics.passed:
+                return name, metrics
+    return None
