@@ -21,6 +21,8 @@ def optimize(
     *,
     golden: GoldenSet | str | os.PathLike | None = None,
     verify: bool = True,
+    dims: dict[str, int] | None = None,
+    seed: int = 0,
     tolerances: dict[str, dict[str, float | None]] | None = None,
     keep_going: bool = False,
     output: str | os.PathLike | None = None,
@@ -35,6 +37,8 @@ def optimize(
         passes: A pipeline spec such as ``"fold-constants,cleanup"`` or pass instances.
         golden: A golden set or its folder; captured from the model when None.
         verify: Check numerics against the golden set after each pass that changed the model.
+        dims: Sizes for symbolic dims when the golden set is captured here.
+        seed: Seed for captured golden inputs.
         tolerances: Per-kind tolerance overrides, e.g. ``{"exact": {"atol": 1e-3}}``.
         keep_going: Roll back failing passes and continue instead of stopping.
         output: Where to save the result. Nothing is written when a pass failed and
@@ -57,6 +61,8 @@ def optimize(
         passes,
         golden=golden,
         verify=verify,
+        dims=dims,
+        seed=seed,
         tolerances=tolerances,
         keep_going=keep_going,
         reproducer_dir=out_path.parent if out_path else None,

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 
 from onnxopt import golden as golden_mod
@@ -16,6 +17,7 @@ from onnxopt.golden import GoldenSet
 from onnxopt.metrics import Metrics, compare_all
 from onnxopt.pass_api import Pass, PassResult
 from onnxopt.report import PassReport, Report
+from onnxopt.stats import node_count
 from onnxopt.verify import first_diverging, structural_problems
 
 logger = logging.getLogger(__name__)
@@ -28,6 +30,8 @@ class Pipeline:
         passes: A pipeline spec (``"fold-constants,cleanup"``) or pass instances.
         golden: The golden set; captured from the input model when None and ``verify`` is on.
         verify: Check numerics after each pass that changed the model (structure: always).
+        dims: Sizes of symbolic dims, for a golden set captured here.
+        seed: Seed for a golden set captured here.
         tolerances: Per-kind overrides, e.g. ``{"exact": {"atol": 1e-3}}``.
         keep_going: Roll back a failing pass and go on instead of stopping.
         reproducer_dir: Where to write the model from just before a failing pass.
@@ -40,6 +44,8 @@ class Pipeline:
         *,
         golden: GoldenSet | None = None,
         verify: bool = True,
+        dims: dict[str, int] | None = None,
+        seed: int = 0,
         tolerances: dict[str, dict[str, float | None]] | None = None,
         keep_going: bool = False,
         reproducer_dir: str | Path | None = None,
@@ -49,6 +55,8 @@ class Pipeline:
         self.passes = spec.build(passes) if isinstance(passes, str) else list(passes)
         self.golden = golden
         self.verify = verify
+        self.dims = dims
+        self.seed = seed
         self.tolerances = tolerances or {}
         self.keep_going = keep_going
         self.reproducer_dir = Path(reproducer_dir) if reproducer_dir else None
@@ -62,21 +70,24 @@ class Pipeline:
     def run(self, model: ir.Model) -> tuple[ir.Model, Report]:
         """Run every pass on ``model`` (changed in place); return the final model and report."""
         report = Report(pipeline=self.spec, keep_going=self.keep_going)
+        golden = self.golden
         if self.verify:
-            if self.golden is None:
-                self.golden = golden_mod.capture(model)
+            if golden is None:
+                golden = golden_mod.capture(model, dims=self.dims, seed=self.seed)
             else:
-                golden_mod.check_inputs(model, self.golden.inputs)
+                golden_mod.check_inputs(model, golden.inputs)
             report.golden = {
-                "cases": len(self.golden.inputs),
-                "source": self.golden.source,
-                "dims": self.golden.dims,
+                "cases": len(golden.inputs),
+                "source": golden.source,
+                "dims": golden.dims,
             }
-        reference = self.golden.outputs if self.golden else None
+        else:
+            golden = None
+        reference = golden.outputs if golden else None
         for index, pass_ in enumerate(self.passes):
             if self.progress:
                 self.progress(f"[{index + 1}/{len(self.passes)}] {pass_.to_spec()}")
-            entry, model, new_reference = self._run_one(pass_, model, reference)
+            entry, model, new_reference = self._run_one(pass_, model, golden, reference)
             report.passes.append(entry)
             if entry.status in ("failed", "error"):
                 if not self.keep_going:
@@ -87,9 +98,15 @@ class Pipeline:
             report.passes.append(PassReport(pass_.name, pass_.to_spec(), pass_.kind))
         return model, report
 
-    def _run_one(self, pass_: Pass, model: ir.Model, reference):
+    def _run_one(
+        self,
+        pass_: Pass,
+        model: ir.Model,
+        golden: GoldenSet | None,
+        reference: list[dict[str, np.ndarray]] | None,
+    ) -> tuple[PassReport, ir.Model, list[dict[str, np.ndarray]] | None]:
         entry = PassReport(pass_.name, pass_.to_spec(), pass_.kind)
-        entry.nodes_before = _count_nodes(model)
+        entry.nodes_before = node_count(model)
         entry.bytes_before = model_io.weight_bytes(model)
         before = model.clone()
         start = time.perf_counter()
@@ -99,12 +116,12 @@ class Pipeline:
             logger.debug("pass %s raised", pass_.name, exc_info=True)
             entry.status, entry.reason = "error", f"{type(err).__name__}: {err}"
             entry.seconds = time.perf_counter() - start
-            return self._rolled_back(entry, pass_, before), before, None
+            return self._rolled_back(entry, pass_, before, golden), before, None
         entry.seconds = time.perf_counter() - start
         model = result.model
         if isinstance(result, PassResult):
             entry.counts, entry.notes = dict(result.counts), list(result.notes)
-        entry.nodes_after = _count_nodes(model)
+        entry.nodes_after = node_count(model)
         entry.bytes_after = model_io.weight_bytes(model)
         if not result.modified:
             entry.status = "unchanged"
@@ -117,16 +134,16 @@ class Pipeline:
             entry.reason = f"structure: {problems[0]}" + (
                 f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
             )
-            return self._rolled_back(entry, pass_, before), before, None
-        if not self.verify or self.golden is None or reference is None:
+            return self._rolled_back(entry, pass_, before, golden), before, None
+        if golden is None or reference is None:
             entry.status = "ok"
             return entry, model, None
 
-        tol = self.golden.tolerance(pass_.kind, self.tolerances.get(pass_.kind))
+        tol = golden.tolerance(pass_.kind, self.tolerances.get(pass_.kind))
         entry.tolerance = tol.describe()
-        expected = self.golden.outputs if pass_.kind == "approximate" else reference
+        expected = golden.outputs if pass_.kind == "approximate" else reference
         try:
-            outputs = pass_.run_golden(model, self.golden.inputs)
+            outputs = pass_.run_golden(model, golden.inputs)
             metrics = compare_all(expected, outputs, tol)
         except VerificationError as err:
             outputs, metrics = None, Metrics(passed=False, reason=str(err))
@@ -135,13 +152,15 @@ class Pipeline:
             entry.status = "ok"
             return entry, model, outputs
         entry.status, entry.reason = "failed", metrics.reason
-        diverging = first_diverging(before, model, self.golden.inputs[0], tol)
+        diverging = first_diverging(before, model, golden.inputs[0], tol)
         if diverging:
             name, worst = diverging
             entry.first_diverging = {"name": name, **worst.as_dict()}
-        return self._rolled_back(entry, pass_, before), before, None
+        return self._rolled_back(entry, pass_, before, golden), before, None
 
-    def _rolled_back(self, entry: PassReport, pass_: Pass, before: ir.Model) -> PassReport:
+    def _rolled_back(
+        self, entry: PassReport, pass_: Pass, before: ir.Model, golden: GoldenSet | None
+    ) -> PassReport:
         """Note the rollback and write a reproducer: the model before the pass, and its spec."""
         entry.nodes_after, entry.bytes_after = entry.nodes_before, entry.bytes_before
         logger.info("pass %s %s: %s (rolled back)", pass_.name, entry.status, entry.reason)
@@ -150,12 +169,8 @@ class Pipeline:
         stem = self.reproducer_dir / f"{self.reproducer_stem}.before-{pass_.name}"
         path = model_io.save(before, f"{stem}.onnx")
         command = f"onnxopt run {path} -o {stem}.out.onnx --passes '{pass_.to_spec()}'"
-        if self.golden is not None:
-            golden_dir = self.golden.save(f"{stem}.golden")
+        if golden is not None:
+            golden_dir = golden.save(f"{stem}.golden")
             command += f" --golden {golden_dir}"
         entry.reproducer = {"model": str(path), "spec": pass_.to_spec(), "command": command}
         return entry
-
-
-def _count_nodes(model: ir.Model) -> int:
-    return sum(1 for _ in model.graph.all_nodes())

@@ -28,7 +28,7 @@ class SpecError(UsageError):
     """A pipeline spec that does not parse or names something unknown."""
 
     def __init__(self, message: str, spec: str, column: int) -> None:
-        super().__init__(f"{message} at column {column} of pipeline {spec!r}")
+        super().__init__(f"pipeline {spec!r}, column {column}: {message}")
         self.column = column
 
 

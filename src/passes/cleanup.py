@@ -6,8 +6,8 @@ import onnx_ir as ir
 from onnx_ir.passes import common
 
 from onnxopt.pass_api import Pass, PassResult
-from onnxopt.passes._counting import initializer_count, op_histogram
 from onnxopt.registry import register_pass
+from onnxopt.stats import initializer_count, node_count
 
 
 @register_pass
@@ -39,10 +39,10 @@ class CleanupPass(Pass):
             ("unused-opsets", common.RemoveUnusedOpsetsPass()),
         ]
         for rule, step in steps:
-            nodes, inits = sum(op_histogram(model).values()), initializer_count(model)
+            nodes, inits = node_count(model), initializer_count(model)
             result = step(model)
             modified |= result.modified
-            removed_nodes = nodes - sum(op_histogram(model).values())
+            removed_nodes = nodes - node_count(model)
             removed_inits = inits - initializer_count(model)
             if rule == "dead-nodes":
                 _add(counts, "dead-nodes", removed_nodes)

@@ -6,8 +6,8 @@ import onnx_ir as ir
 from onnxscript.optimizer import fold_constants
 
 from onnxopt.pass_api import Pass, PassResult
-from onnxopt.passes._counting import op_histogram, removed_ops
 from onnxopt.registry import register_pass
+from onnxopt.stats import op_histogram, removed_ops
 
 
 @register_pass

@@ -1,4 +1,4 @@
-"""Helpers that turn before/after snapshots of a graph into per-rule firing counts."""
+"""Counting a graph: op histograms, node and initializer counts, what a pass removed."""
 
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ def op_histogram(model: ir.Model) -> Counter[str]:
         f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
         for node in model.graph.all_nodes()
     )
+
+
+def node_count(model: ir.Model) -> int:
+    return sum(1 for _ in model.graph.all_nodes())
 
 
 def removed_ops(before: Counter[str], after: Counter[str]) -> dict[str, int]:

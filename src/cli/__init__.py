@@ -1,0 +1,1 @@
+"""The ``onnxopt`` command line (click)."""

@@ -1,0 +1,173 @@
+"""Text shown by the CLI: the per-pass table, pass listings, model summaries, progress."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import onnx_ir as ir
+
+from onnxopt import model_io, registry
+from onnxopt.report import Report
+from onnxopt.stats import op_histogram
+
+
+def progress_printer() -> Callable[[str], None] | None:
+    """Print pass progress on stderr, only when it is a terminal."""
+    if not sys.stderr.isatty():
+        return None
+    return lambda message: click.echo(f"  running {message}", err=True)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _metric(entry: Any) -> str:
+    if not entry.metrics:
+        return "-"
+    if entry.kind == "approximate":
+        return f"cos {entry.metrics['cosine']:.5f}"
+    max_abs = entry.metrics["max_abs"]
+    return f"max|d| {max_abs:.2g}" if isinstance(max_abs, float) else f"max|d| {max_abs}"
+
+
+def report_table(report: Report) -> str:
+    """The per-pass table, then failures with their first diverging tensor and reproducer."""
+    rows = [("pass", "kind", "status", "metric", "nodes", "weights", "time", "rules fired")]
+    for p in report.passes:
+        delta = p.nodes_after - p.nodes_before
+        rules = ", ".join(f"{k}={v}" for k, v in p.counts.items()) or "-"
+        rows.append(
+            (
+                p.spec,
+                p.kind,
+                p.status,
+                _metric(p),
+                f"{p.nodes_before}->{p.nodes_after} ({delta:+d})" if p.status != "skipped" else "-",
+                human_bytes(p.bytes_after) if p.status != "skipped" else "-",
+                f"{p.seconds:.2f}s" if p.status != "skipped" else "-",
+                rules,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for p in report.failed:
+        lines.append(f"{p.name} {p.status}: {p.reason} (rolled back)")
+        if p.first_diverging:
+            d = p.first_diverging
+            lines.append(f"  first diverging tensor: '{d['name']}' ({d['reason']})")
+        if p.reproducer:
+            lines.append(f"  reproduce: {p.reproducer['command']}")
+    if report.output:
+        lines.append(f"wrote {report.output}")
+    elif not report.ok and not report.keep_going:
+        lines.append(
+            "no output written (use --keep-going to write the model without failed passes)"
+        )
+    return "\n".join(lines)
+
+
+def pass_listing() -> dict[str, Any]:
+    """Every pass with its kind, summary and options (name, type, default), and the aliases."""
+    passes = []
+    for name in registry.pass_names():
+        cls = registry.get_pass(name)
+        assert cls is not None
+        hints = typing.get_type_hints(cls)
+        options = [
+            {
+                "name": f.name,
+                "type": _type_name(hints[f.name]),
+                "default": f.default if f.default is not dataclasses.MISSING else None,
+            }
+            for f in cls.options()
+        ]
+        passes.append(
+            {"name": name, "kind": cls.kind, "summary": cls.summary(), "options": options}
+        )
+    return {"passes": passes, "aliases": registry.aliases()}
+
+
+def pass_listing_text(listing: dict[str, Any]) -> str:
+    lines = ["passes:"]
+    for p in listing["passes"]:
+        lines.append(f"  {p['name']:<18} {p['kind']:<12} {p['summary']}")
+        for o in p["options"]:
+            lines.append(f"  {'':<18} {'':<12}   {o['name']}: {o['type']} = {o['default']}")
+    lines.append("aliases:")
+    for name, expansion in listing["aliases"].items():
+        lines.append(f"  {name:<18} = {expansion}")
+    return "\n".join(lines)
+
+
+def _type_name(hint: Any) -> str:
+    text = getattr(hint, "__name__", None) if not typing.get_args(hint) else None
+    return text or str(hint).replace("typing.", "")
+
+
+def model_summary(model: ir.Model, path: Path) -> dict[str, Any]:
+    """Opsets, IO, op histogram, and parameter count and size by dtype."""
+    by_dtype: dict[str, dict[str, int]] = {}
+    for tensor in model_io.tensors(model):
+        entry = by_dtype.setdefault(str(tensor.dtype), {"tensors": 0, "parameters": 0, "bytes": 0})
+        entry["tensors"] += 1
+        entry["parameters"] += tensor.size
+        entry["bytes"] += tensor.nbytes
+    ops = op_histogram(model)
+    return {
+        "path": str(path),
+        "file_bytes": path.stat().st_size,
+        "ir_version": model.ir_version,
+        "producer": f"{model.producer_name or ''} {model.producer_version or ''}".strip(),
+        "opsets": dict(model.opset_imports),
+        "external_data": sorted(str(p) for p in model_io.external_data_files(model)),
+        "inputs": [_io(v) for v in model.graph.inputs],
+        "outputs": [_io(v) for v in model.graph.outputs],
+        "nodes": sum(ops.values()),
+        "ops": dict(ops.most_common()),
+        "parameters": sum(e["parameters"] for e in by_dtype.values()),
+        "weight_bytes": sum(e["bytes"] for e in by_dtype.values()),
+        "by_dtype": by_dtype,
+    }
+
+
+def _io(value: ir.Value) -> dict[str, Any]:
+    shape = [d if isinstance(d, int) else (d.value or "?") for d in value.shape or ()]
+    return {"name": value.name, "dtype": str(value.dtype), "shape": shape}
+
+
+def model_summary_text(s: dict[str, Any]) -> str:
+    opsets = ", ".join(f"{d or 'ai.onnx'}={v}" for d, v in s["opsets"].items())
+    lines = [
+        f"{s['path']}  ({human_bytes(s['file_bytes'])} file, ir_version {s['ir_version']}"
+        + (f", {s['producer']}" if s["producer"] else "")
+        + ")",
+        f"opsets: {opsets}",
+    ]
+    if s["external_data"]:
+        lines.append(f"external data: {', '.join(s['external_data'])}")
+    for label in ("inputs", "outputs"):
+        lines.append(f"{label}:")
+        lines += [f"  {v['name']}: {v['dtype']} {v['shape']}" for v in s[label]]
+    lines.append(f"nodes: {s['nodes']}")
+    lines += [f"  {op:<28} {n}" for op, n in s["ops"].items()]
+    lines.append(f"parameters: {s['parameters']:,} ({human_bytes(s['weight_bytes'])})")
+    lines += [
+        f"  {dtype:<10} {e['tensors']} tensors, {e['parameters']:,} ({human_bytes(e['bytes'])})"
+        for dtype, e in s["by_dtype"].items()
+    ]
+    return "\n".join(lines)
