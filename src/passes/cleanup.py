@@ -16,9 +16,9 @@ class CleanupPass(Pass):
 
     Rules (each counted by the nodes or initializers it removed):
       1. ``identity``: Identity nodes are bypassed (graph outputs keep their names).
-      2. ``cse``: nodes computing the same op on the same inputs are merged.
-      3. ``dedup-initializers``: initializers with equal dtype, shape and bytes are merged; only
+      2. ``dedup-initializers``: initializers with equal dtype, shape and bytes are merged; only
          those up to ``dedup_max_elements`` are compared, so large weights are never read.
+      3. ``cse``: nodes computing the same op on the same inputs are merged.
       4. ``dead-nodes`` / ``unused-initializers``: whatever no output depends on is removed,
          then unused functions and opset imports.
     """
@@ -30,10 +30,11 @@ class CleanupPass(Pass):
     def call(self, model: ir.Model) -> PassResult:
         counts: dict[str, int] = {}
         modified = False
+        output_types = [(v.type, v.shape) for v in model.graph.outputs]
         steps = [
             ("identity", common.IdentityEliminationPass()),
-            ("cse", common.CommonSubexpressionEliminationPass()),
             ("dedup-initializers", common.DeduplicateInitializersPass(self.dedup_max_elements)),
+            ("cse", common.CommonSubexpressionEliminationPass()),
             ("dead-nodes", common.RemoveUnusedNodesPass()),
             ("unused-functions", common.RemoveUnusedFunctionsPass()),
             ("unused-opsets", common.RemoveUnusedOpsetsPass()),
@@ -53,6 +54,10 @@ class CleanupPass(Pass):
                 _add(counts, rule, int(result.modified))
             else:
                 _add(counts, rule, removed_nodes)
+        for value, (type_, shape) in zip(model.graph.outputs, output_types, strict=True):
+            # Bypassing an Identity makes its input the graph output: keep the declared type.
+            value.type = value.type or type_
+            value.shape = value.shape or shape
         return PassResult(model, modified, counts=counts)
 
 
