@@ -32,8 +32,7 @@ def optimize(
     """Run a pipeline on a model, verifying every pass, and optionally save the result.
 
     Args:
-        model: A path (loaded lazily; the file is never modified) or an ``ir.Model``
-            (changed in place).
+        model: A path (loaded lazily) or an ``ir.Model``; neither is modified.
         passes: A pipeline spec such as ``"fold-constants,cleanup"`` or pass instances.
         golden: A golden set or its folder; captured from the model when None.
         verify: Check numerics against the golden set after each pass that changed the model.

@@ -7,9 +7,10 @@ weights are not copied and external data still resolves.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
+import onnx
 import onnx_graphsurgeon as gs
 import onnx_ir as ir
 
@@ -29,6 +30,7 @@ class GsFunctionPass(Pass):
         graph = gs.import_onnx(proto)
         new_graph = type(self).function(graph) or graph
         new_proto = gs.export_onnx(new_graph, do_type_check=False)
+        _embed_edited_weights(new_proto)
         modified = new_proto.graph.SerializeToString() != proto.graph.SerializeToString()
         if not modified:
             return PassResult(model, False)
@@ -66,6 +68,24 @@ def gs_pass(
         return register_pass(cls) if register else cls
 
     return make(function) if function is not None else make
+
+
+def _embed_edited_weights(proto: onnx.ModelProto) -> None:
+    """Weights the user edited come back with data but still marked external: embed them."""
+    for graph in _proto_graphs(proto.graph):
+        for tensor in graph.initializer:
+            external = tensor.data_location == onnx.TensorProto.EXTERNAL
+            if external and not any(e.key == "location" for e in tensor.external_data):
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                del tensor.external_data[:]
+
+
+def _proto_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in (*([attr.g] if attr.HasField("g") else []), *attr.graphs):
+                yield from _proto_graphs(sub)
 
 
 def _reattach_weights(old: ir.Model, new: ir.Model) -> int:

@@ -68,6 +68,9 @@ def save(
     check_writable(path, (*protected, *external_data_files(model)))
     if external_data is None:
         external_data = has_external_data(model) or weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    if not external_data and has_external_data(model):
+        # Embedding weights means reading them; a clone keeps the caller's model lazy.
+        model = ir.external_data.load_to_model(model.clone())
     tmp_dir = Path(tempfile.mkdtemp(prefix=".onnxopt-", dir=path.parent))
     try:
         ir.save(model, tmp_dir / path.name, external_data=data_name if external_data else None)

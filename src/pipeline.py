@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -68,8 +69,12 @@ class Pipeline:
         return spec.to_spec(self.passes)
 
     def run(self, model: ir.Model) -> tuple[ir.Model, Report]:
-        """Run every pass on ``model`` (changed in place); return the final model and report."""
+        """Run every pass on a copy of ``model`` (left as it is); return the result and report.
+
+        The copy shares weight tensors with ``model``, so it costs no weight memory.
+        """
         report = Report(pipeline=self.spec, keep_going=self.keep_going)
+        model = model.clone()
         golden = self.golden
         if self.verify:
             if golden is None:
@@ -127,8 +132,7 @@ class Pipeline:
             entry.status = "unchanged"
             return entry, model, None
 
-        proto = ir.to_proto(model)
-        problems = structural_problems(model, proto)
+        problems = structural_problems(model)
         if problems:
             entry.status = "failed"
             entry.reason = f"structure: {problems[0]}" + (
@@ -168,9 +172,9 @@ class Pipeline:
             return entry
         stem = self.reproducer_dir / f"{self.reproducer_stem}.before-{pass_.name}"
         path = model_io.save(before, f"{stem}.onnx")
-        command = f"onnxopt run {path} -o {stem}.out.onnx --passes '{pass_.to_spec()}'"
+        words = ["onnxopt", "run", str(path), "-o", f"{stem}.out.onnx", "--passes", pass_.to_spec()]
         if golden is not None:
-            golden_dir = golden.save(f"{stem}.golden")
-            command += f" --golden {golden_dir}"
+            words += ["--golden", str(golden.save(f"{stem}.golden"))]
+        command = shlex.join(words)
         entry.reproducer = {"model": str(path), "spec": pass_.to_spec(), "command": command}
         return entry

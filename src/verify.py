@@ -5,21 +5,25 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx_ir.passes.common import CheckerPass
 
 from onnxopt.errors import VerificationError
 from onnxopt.metrics import Metrics, Tolerance, compare
 from onnxopt.ort_runner import RunnableModel
 
-_PROTO_LIMIT = 2**31 - 1
 _MAX_EXPOSED = 5000  # intermediate values compared when looking for the first divergence
 
 
-def structural_problems(model: ir.Model, proto: onnx.ModelProto) -> list[str]:
-    """What is structurally wrong: dangling or out-of-order values, then the ONNX checker."""
+def structural_problems(model: ir.Model) -> list[str]:
+    """What is structurally wrong: dangling or out-of-order values, then the ONNX checker.
+
+    The checker sees the graph with large weights turned into typed inputs, so models with
+    external data or over 2 GB are checked without reading their weights.
+    """
     problems = _graph_problems(model.graph, frozenset())
-    if not problems and proto.ByteSize() < _PROTO_LIMIT:
+    if not problems:
         try:
-            onnx.checker.check_model(proto)
+            CheckerPass()(model)
         except (onnx.checker.ValidationError, ValueError) as err:
             problems.append("onnx checker: " + " ".join(str(err).split())[:300])
     return problems
