@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import onnx
 import onnx_graphsurgeon as gs
 import onnx_ir as ir
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxopt.pass_api import Kind, Pass, PassResult
 from onnxopt.registry import register_pass
@@ -28,7 +29,9 @@ class GsFunctionPass(Pass):
     def call(self, model: ir.Model) -> PassResult:
         proto = ir.to_proto(model)
         graph = gs.import_onnx(proto)
+        bound = _bind_external_values(graph, model)
         new_graph = type(self).function(graph) or graph
+        _unload_untouched(bound)
         new_proto = gs.export_onnx(new_graph, do_type_check=False)
         _embed_edited_weights(new_proto)
         modified = new_proto.graph.SerializeToString() != proto.graph.SerializeToString()
@@ -68,6 +71,45 @@ def gs_pass(
         return register_pass(cls) if register else cls
 
     return make(function) if function is not None else make
+
+
+class _IrBackedValues(LazyValues):
+    """Lazy values loaded by onnx-ir: memory-mapped, resolved against the model's folder."""
+
+    def __init__(self, tensor: onnx.TensorProto, source: ir.ExternalTensor) -> None:
+        super().__init__(tensor)
+        self.source = source
+
+    def load(self):
+        return self.source.numpy()
+
+
+def _bind_external_values(
+    graph: gs.Graph, model: ir.Model
+) -> list[tuple[gs.Constant, _IrBackedValues]]:
+    """Make graphsurgeon read external weights through onnx-ir rather than the working dir."""
+    originals = {
+        name: value.const_value
+        for g in (model.graph, *model.graph.subgraphs())
+        for name, value in g.initializers.items()
+        if isinstance(value.const_value, ir.ExternalTensor)
+    }
+    bound = []
+    for g in (graph, *graph.subgraphs(recursive=True)):
+        for tensor in g.tensors().values():
+            lazy = getattr(tensor, "_values", None)
+            if isinstance(lazy, LazyValues) and tensor.name in originals:
+                backed = _IrBackedValues(lazy.tensor, originals[tensor.name])
+                tensor._values = backed
+                bound.append((tensor, backed))
+    return bound
+
+
+def _unload_untouched(bound: list[tuple[gs.Constant, _IrBackedValues]]) -> None:
+    """Weights only read (still the mapped array) go back to lazy, so they stay external."""
+    for constant, backed in bound:
+        if constant._values is not backed and constant._values is backed.source.numpy():
+            constant._values = backed
 
 
 def _embed_edited_weights(proto: onnx.ModelProto) -> None:

@@ -1,0 +1,418 @@
+"""The ``onnxopt`` command line, end to end on the shipped Whisper encoder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from click.testing import CliRunner, Result
+from conftest import WHISPER, WHISPER_GOLDEN, assert_same_outputs, run
+from onnx import numpy_helper
+
+import onnxopt
+from onnxopt.cli.main import cli
+from onnxopt.golden import GoldenSet, load_npz
+
+ONNXOPT = Path(sys.executable).with_name("onnxopt")
+BIN_ENV = {**os.environ, "PATH": f"{ONNXOPT.parent}{os.pathsep}{os.environ['PATH']}"}
+
+# A user pass that breaks numerics on purpose: it doubles the first MatMul weight.
+SCALE_PLUGIN = '''
+import numpy as np
+import onnx_ir as ir
+import onnxopt
+
+
+@onnxopt.register_pass
+class ScaleWeightPass(onnxopt.Pass):
+    """Double the first MatMul weight."""
+
+    name = "scale-weight"
+
+    def call(self, model):
+        for node in model.graph:
+            weight = node.inputs[1] if node.op_type == "MatMul" else None
+            if weight is not None and weight.const_value is not None:
+                weight.const_value = ir.tensor(weight.const_value.numpy() * np.float32(2))
+                return onnxopt.PassResult(model, True)
+        return onnxopt.PassResult(model, False)
+'''
+
+
+def invoke(*args: object) -> Result:
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    # Only a deliberate sys.exit is acceptable: any other exception is a crash.
+    assert result.exc_info is None or result.exc_info[0] is SystemExit, result.exc_info
+    return result
+
+
+def onnxopt_cli(*args: object) -> subprocess.CompletedProcess:
+    """The installed console script, in a fresh process."""
+    return subprocess.run(
+        [str(ONNXOPT), *map(str, args)], capture_output=True, text=True, timeout=300
+    )
+
+
+def assert_one_line_error(result: Result, code: int, *fragments: str) -> None:
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def golden_outputs(model_path: Path) -> list[dict[str, np.ndarray]]:
+    model = onnxopt.load(model_path)
+    return [run(model, case) for case in load_npz(WHISPER_GOLDEN / "inputs.npz")]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- run ----------------------------------------------------------------------------------
+
+
+def test_run_simplify_writes_verified_model_and_report(tmp_path: Path) -> None:
+    out, report_path = tmp_path / "out.onnx", tmp_path / "r.json"
+    result = invoke("run", WHISPER, "-o", out, "--golden", WHISPER_GOLDEN, "--report", report_path)
+    assert result.exit_code == 0, result.output
+    for expected, actual in zip(golden_outputs(WHISPER), golden_outputs(out), strict=True):
+        assert_same_outputs(expected, actual)
+
+    report = json.loads(report_path.read_text())
+    assert report["ok"] and report["exit_code"] == 0
+    assert [p["name"] for p in report["passes"]] == ["fold-constants", "cleanup", "infer-shapes"]
+    for entry in report["passes"]:
+        assert {"status", "counts", "metrics", "seconds"} <= entry.keys()
+        assert entry["status"] in ("ok", "unchanged")
+        assert isinstance(entry["counts"], dict)
+        if entry["status"] == "ok":
+            assert entry["metrics"]["passed"] and entry["metrics"]["max_abs"] <= 1e-4
+    assert any(p["status"] == "ok" for p in report["passes"])
+    for name in ("fold-constants", "cleanup", "infer-shapes"):
+        assert name in result.stdout
+    assert f"wrote {out}" in result.stdout
+
+
+def test_run_json_prints_the_report(tmp_path: Path) -> None:
+    result = invoke("run", WHISPER, "-o", tmp_path / "o.onnx", "--passes", "cleanup", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["pipeline"] == "cleanup" and report["passes"][0]["status"] == "ok"
+
+
+@pytest.fixture
+def plugin(tmp_path: Path) -> Path:
+    path = tmp_path / "scale_plugin.py"
+    path.write_text(SCALE_PLUGIN)
+    return path
+
+
+def test_failing_plugin_pass_stops_with_reproducer(tmp_path: Path, plugin: Path) -> None:
+    out = tmp_path / "out.onnx"
+    args = ["run", WHISPER, "-o", out, "--golden", WHISPER_GOLDEN, "--plugin", plugin]
+    result = onnxopt_cli(*args, "--passes", "cleanup,scale-weight,infer-shapes")
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+    assert "scale-weight failed" in result.stdout
+
+    diverging = next(line for line in result.stdout.splitlines() if "first diverging" in line)
+    tensor = diverging.split("'")[1]
+    produced = {v.name for node in onnxopt.load(WHISPER).graph for v in node.outputs}
+    assert tensor in produced
+
+    assert (tmp_path / "out.before-scale-weight.onnx").is_file()
+    command = next(
+        line.split("reproduce: ", 1)[1]
+        for line in result.stdout.splitlines()
+        if "reproduce: " in line
+    )
+    again = subprocess.run(
+        command, shell=True, capture_output=True, text=True, env=BIN_ENV, timeout=300
+    )
+    assert again.returncode == 3, again.stdout + again.stderr
+    assert "scale-weight failed" in again.stdout
+
+
+def test_keep_going_rolls_back_the_failing_pass(tmp_path: Path, plugin: Path) -> None:
+    out = tmp_path / "out.onnx"
+    result = onnxopt_cli(
+        *("run", WHISPER, "-o", out, "--golden", WHISPER_GOLDEN, "--plugin", plugin),
+        *("--passes", "scale-weight,cleanup", "--keep-going"),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "scale-weight failed" in result.stdout
+    for expected, actual in zip(golden_outputs(WHISPER), golden_outputs(out), strict=True):
+        assert_same_outputs(expected, actual)
+
+
+def test_reproduce_command_survives_a_path_with_spaces(tmp_path: Path, plugin: Path) -> None:
+    folder = tmp_path / "my models"
+    folder.mkdir()
+    result = onnxopt_cli(
+        *("run", WHISPER, "-o", folder / "out.onnx", "--golden", WHISPER_GOLDEN),
+        *("--plugin", plugin, "--passes", "scale-weight"),
+    )
+    assert result.returncode == 3
+    command = result.stdout.split("reproduce: ", 1)[1].splitlines()[0]
+    again = subprocess.run(
+        command, shell=True, capture_output=True, text=True, env=BIN_ENV, timeout=300
+    )
+    assert again.returncode == 3, again.stderr
+
+
+def test_external_data_output_can_be_optimized_again(tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    first = tmp_path / "m" / "w.onnx"
+    assert (
+        invoke("run", WHISPER, "-o", first, "--passes", "cleanup", "--external-data").exit_code == 0
+    )
+    assert (tmp_path / "m" / "w.onnx.data").is_file()
+    # The working directory is the repository root, not the model's folder.
+    result = invoke("run", first, "-o", tmp_path / "again.onnx", "--passes", "infer-shapes")
+    assert result.exit_code == 0, result.output
+
+
+# --- errors -------------------------------------------------------------------------------
+
+UNCLOSED = "cleanup,fold-constants(max_input_elements=3"
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("missing.onnx", None, "no such file"),
+        ("text.onnx", b"not a model\n", "not a readable ONNX model"),
+        ("truncated.onnx", WHISPER.read_bytes()[:100_000], "not a readable ONNX model"),
+        ("empty.onnx", b"", "not an ONNX model"),
+    ],
+)
+def test_unreadable_model_exits_4(tmp_path: Path, name: str, content: bytes, message: str) -> None:
+    model = tmp_path / name
+    if content is not None:
+        model.write_bytes(content)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert_one_line_error(invoke("run", model, "-o", out / "x.onnx"), 4, message, name)
+    assert not any(out.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragments"),
+    [
+        ("cleanp", ["unknown pass 'cleanp'", "did you mean 'cleanup'"]),
+        ("fold-constants(max_output_element=3)", ["did you mean 'max_output_elements'"]),
+        ("fold-constants(max_output_elements=lots)", ["expected int", "'lots'"]),
+        (UNCLOSED, [f"column {len(UNCLOSED) + 1}", "expected ')', found end of input"]),
+        ("cleanup)", ["column 8", "unexpected ')'"]),
+    ],
+)
+def test_bad_pipeline_spec_exits_2(tmp_path: Path, spec: str, fragments: list[str]) -> None:
+    result = invoke("run", WHISPER, "-o", tmp_path / "x.onnx", "--passes", spec)
+    assert_one_line_error(result, 2, *fragments)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--dim", "bogus=3"], ["--dim", "bogus"]),
+        (["--dim", "frames=zero"], ["--dim frames", "positive integer"]),
+        (["--tolerance", "exact.atol=abc"], ["--tolerance exact.atol", "'abc'"]),
+        (["--tolerance", "exact=1"], ["KIND.NAME=VALUE"]),
+        (["--tolerance", "exact.bogus=1"], ["unknown tolerance key", "bogus"]),
+        (["--golden", "no-such-golden"], ["golden set folder not found"]),
+        (["--plugin", "no_such_plugin.py"], ["plugin file not found"]),
+    ],
+)
+def test_bad_option_exits_2(tmp_path: Path, args: list[str], fragments: list[str]) -> None:
+    result = invoke("run", WHISPER, "-o", tmp_path / "x.onnx", *args)
+    assert_one_line_error(result, 2, *fragments)
+    assert not any(tmp_path.iterdir())
+
+
+def test_unknown_cli_option_is_a_usage_error_with_suggestion(tmp_path: Path) -> None:
+    result = invoke("run", WHISPER, "-o", tmp_path / "x.onnx", "--pases", "cleanup")
+    assert result.exit_code == 2
+    assert "--passes" in result.stderr and "Traceback" not in result.output
+
+
+def test_output_over_input_is_refused(tmp_path: Path) -> None:
+    model = tmp_path / "model.onnx"
+    shutil.copy(WHISPER, model)
+    (tmp_path / "link.onnx").symlink_to(model)
+    before = sha256(model)
+    for target in (model, tmp_path / "sub" / ".." / "model.onnx", tmp_path / "link.onnx"):
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        result = invoke("run", model, "-o", target, "--passes", "cleanup")
+        assert_one_line_error(result, 2, "refusing to overwrite the input")
+    assert sha256(model) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.onnx", "model.onnx", "sub"]
+
+
+@pytest.mark.parametrize("problem", ["wrong name", "wrong dtype", "wrong rank"])
+def test_golden_set_not_matching_the_model_exits_2(tmp_path: Path, problem: str) -> None:
+    golden = GoldenSet.load(WHISPER_GOLDEN)
+    mel = golden.inputs[0]["mel"]
+    bad = {
+        "wrong name": {"audio": mel},
+        "wrong dtype": {"mel": mel.astype(np.float64)},
+        "wrong rank": {"mel": mel[0]},
+    }[problem]
+    GoldenSet(inputs=[bad], outputs=golden.outputs[:1]).save(tmp_path / "bad.golden")
+    out = tmp_path / "out"
+    out.mkdir()
+    result = invoke("run", WHISPER, "-o", out / "x.onnx", "--golden", tmp_path / "bad.golden")
+    assert_one_line_error(result, 2, "golden inputs")
+    assert not any(out.iterdir())
+
+
+def test_missing_output_folder_exits_2(tmp_path: Path) -> None:
+    result = invoke("run", WHISPER, "-o", tmp_path / "nope" / "x.onnx", "--passes", "cleanup")
+    assert_one_line_error(result, 2, "output folder does not exist")
+    assert not (tmp_path / "nope").exists()
+
+
+def test_errors_end_to_end_have_no_traceback(tmp_path: Path) -> None:
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    cases = [
+        (["run", tmp_path / "empty.onnx", "-o", tmp_path / "x.onnx"], 4),
+        (["run", WHISPER, "-o", tmp_path / "x.onnx", "--passes", "cleanp"], 2),
+        (["run", WHISPER, "-o", tmp_path / "x.onnx", "--pases", "cleanup"], 2),
+    ]
+    for args, code in cases:
+        result = onnxopt_cli(*args)
+        assert result.returncode == code, result.stderr
+        assert "Traceback" not in result.stderr and result.stderr.strip()
+    assert not (tmp_path / "x.onnx").exists()
+
+
+# --- passes, golden, verify, inspect, version ---------------------------------------------
+
+
+def test_passes_lists_builtins_and_aliases() -> None:
+    result = invoke("passes")
+    assert result.exit_code == 0
+    for name in ("fold-constants", "cleanup", "infer-shapes", "simplify"):
+        assert name in result.stdout
+    listing = json.loads(invoke("passes", "--json").stdout)
+    names = {p["name"] for p in listing["passes"]}
+    assert {"fold-constants", "cleanup", "infer-shapes"} <= names
+    assert listing["aliases"]["simplify"] == "fold-constants,cleanup,infer-shapes"
+    fold = next(p for p in listing["passes"] if p["name"] == "fold-constants")
+    assert {o["name"] for o in fold["options"]} >= {"max_output_elements", "max_input_elements"}
+
+
+def test_golden_writes_a_golden_set(tmp_path: Path) -> None:
+    result = invoke("golden", WHISPER, "-o", tmp_path / "g")
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in (tmp_path / "g").iterdir()} == {
+        "inputs.npz",
+        "outputs.npz",
+        "golden.json",
+    }
+    folder = tmp_path / "g"
+    inputs, outputs = load_npz(folder / "inputs.npz"), load_npz(folder / "outputs.npz")
+    meta = json.loads((folder / "golden.json").read_text())
+    assert len(inputs) == len(outputs) == len(meta["cases"]) >= 1
+    model = onnxopt.load(WHISPER)
+    for case, expected in zip(inputs, outputs, strict=True):
+        assert case["mel"].dtype == np.float32 and case["mel"].shape[1] == 80
+        assert_same_outputs(run(model, case), expected)
+
+
+def test_golden_dim_fixes_frames(tmp_path: Path) -> None:
+    result = invoke("golden", WHISPER, "-o", tmp_path / "g", "--dim", "frames=40")
+    assert result.exit_code == 0, result.output
+    inputs = load_npz(tmp_path / "g" / "inputs.npz")
+    assert inputs and all(case["mel"].shape[2] == 40 for case in inputs)
+    outputs = load_npz(tmp_path / "g" / "outputs.npz")
+    assert all(case["hidden"].shape[1] == 20 for case in outputs)  # stride-2 conv
+
+
+def test_golden_uses_the_users_inputs(tmp_path: Path) -> None:
+    mel = np.random.default_rng(7).standard_normal((3, 80, 10)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", mel=mel)
+    result = invoke("golden", WHISPER, "-o", tmp_path / "g", "--inputs", tmp_path / "x.npz")
+    assert result.exit_code == 0, result.output
+    golden = GoldenSet.load(tmp_path / "g")
+    assert len(golden.inputs) == 1
+    np.testing.assert_array_equal(golden.inputs[0]["mel"], mel)
+    assert_same_outputs(run(onnxopt.load(WHISPER), {"mel": mel}), golden.outputs[0])
+
+
+def test_golden_shapes_1_gives_one_case(tmp_path: Path) -> None:
+    result = invoke("golden", WHISPER, "-o", tmp_path / "g", "--shapes", "1")
+    assert result.exit_code == 0, result.output
+    assert len(load_npz(tmp_path / "g" / "inputs.npz")) == 1
+
+
+def test_golden_shapes_0_is_refused(tmp_path: Path) -> None:
+    assert_one_line_error(invoke("golden", WHISPER, "-o", tmp_path / "g", "--shapes", "0"), 2)
+    assert not (tmp_path / "g").exists()
+
+
+def perturbed_whisper(tmp_path: Path) -> Path:
+    model = ir.load(WHISPER)
+    weight = next(
+        node.inputs[1]
+        for node in model.graph
+        if node.op_type == "MatMul" and node.inputs[1].const_value is not None
+    )
+    array = weight.const_value.numpy().copy()
+    array[0, 0] += 1.0
+    weight.const_value = ir.tensor(array, name=weight.name)
+    ir.save(model, tmp_path / "perturbed.onnx")
+    return tmp_path / "perturbed.onnx"
+
+
+def test_verify_same_and_different(tmp_path: Path) -> None:
+    same = invoke("verify", WHISPER, WHISPER, "--golden", WHISPER_GOLDEN)
+    assert same.exit_code == 0 and same.stdout.startswith("same"), same.output
+    different = invoke("verify", WHISPER, perturbed_whisper(tmp_path))
+    assert different.exit_code == 3, different.output
+    assert different.stdout.startswith("DIFFERENT")
+    report = json.loads(invoke("verify", WHISPER, tmp_path / "perturbed.onnx", "--json").stdout)
+    assert report["passed"] is False and report["max_abs"] > 0
+
+
+def test_inspect_matches_an_independent_count() -> None:
+    proto = onnx.load(WHISPER)
+    parameters = sum(numpy_helper.to_array(t).size for t in proto.graph.initializer)
+    layernorms = sum(node.op_type == "LayerNormalization" for node in proto.graph.node)
+    opsets = {o.domain: o.version for o in proto.opset_import}
+
+    result = invoke("inspect", WHISPER)
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    assert f"ai.onnx={opsets['']}" in text
+    assert "mel: FLOAT" in text and "hidden: FLOAT" in text
+    assert ["LayerNormalization", str(layernorms)] in [line.split() for line in text.splitlines()]
+    assert f"parameters: {parameters:,}" in text
+
+    summary = json.loads(invoke("inspect", WHISPER, "--json").stdout)
+    assert summary["parameters"] == parameters
+    assert summary["opsets"] == opsets
+    assert summary["ops"]["LayerNormalization"] == layernorms
+    assert summary["nodes"] == len(proto.graph.node)
+    assert [i["name"] for i in summary["inputs"]] == [i.name for i in proto.graph.input]
+    assert [o["name"] for o in summary["outputs"]] == [o.name for o in proto.graph.output]
+
+
+def test_version() -> None:
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert version("onnxopt") in result.stdout and onnxopt.__version__ in result.stdout
