@@ -190,6 +190,8 @@ def run(
     load_plugins(plugins)
     tolerances = parse_tolerances(tolerance_pairs, atol, rtol)
     passes = onnxopt.Pipeline(spec).passes  # a bad spec fails before the model is read
+    if golden_dir is not None and dims:
+        raise UsageError("--dim only applies when the golden set is captured; drop it or --golden")
     progress = render.progress_printer() if not as_json else None
     _, report = onnxopt.optimize(
         model,

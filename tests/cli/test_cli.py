@@ -416,3 +416,9 @@ def test_version() -> None:
     result = invoke("--version")
     assert result.exit_code == 0
     assert version("onnxopt") in result.stdout and onnxopt.__version__ in result.stdout
+
+
+def test_dim_with_a_given_golden_set_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "out.onnx"
+    result = invoke("run", WHISPER, "-o", out, "--golden", WHISPER_GOLDEN, "--dim", "frames=9")
+    assert result.exit_code == 2 and "--dim" in result.stderr and not out.exists()
