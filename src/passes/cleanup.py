@@ -32,7 +32,7 @@ class CleanupPass(Pass):
         modified = False
         output_types = [(v.type, v.shape) for v in model.graph.outputs]
         steps = [
-            ("identity", common.IdentityEliminationPass()),
+            ("identity", _IdentityElimination()),
             ("dedup-initializers", common.DeduplicateInitializersPass(self.dedup_max_elements)),
             ("cse", common.CommonSubexpressionEliminationPass()),
             ("dead-nodes", common.RemoveUnusedNodesPass()),
@@ -59,6 +59,26 @@ class CleanupPass(Pass):
             value.type = value.type or type_
             value.shape = value.shape or shape
         return PassResult(model, modified, counts=counts)
+
+
+class _IdentityElimination(common.IdentityEliminationPass):
+    """onnx-ir's Identity elimination, minus the cases where it breaks a graph's outputs.
+
+    ``y = Identity(x)`` with ``y`` a graph output is kept when ``x`` is also an output of that
+    graph (bypassing it would list one value twice and rename an output) or comes from an
+    outer graph (onnx-ir raises: the value already belongs to another graph).
+    """
+
+    def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
+        if node.op_type == "Identity" and node.domain == "" and len(node.inputs) == 1:
+            source, output = node.inputs[0], node.outputs[0]
+            if (
+                source is not None
+                and output.is_graph_output()
+                and (source.is_graph_output() or source.graph is not node.graph)
+            ):
+                return False
+        return super()._try_eliminate_identity_node(node)
 
 
 def _add(counts: dict[str, int], rule: str, n: int) -> None:

@@ -35,11 +35,50 @@ class FoldConstantsPass(Pass):
 
     def call(self, model: ir.Model) -> PassResult:
         before = op_histogram(model)
-        result = fold_constants(
-            model,
-            input_size_limit=self.max_input_elements,
-            output_size_limit=self.max_output_elements,
-        )
+        hidden = _hide_unsafe_nodes(model)
+        try:
+            result = fold_constants(
+                model,
+                input_size_limit=self.max_input_elements,
+                output_size_limit=self.max_output_elements,
+            )
+        finally:
+            for node in hidden:
+                node.domain = ""
         ir.passes.common.RemoveUnusedNodesPass()(model)
         counts = removed_ops(before, op_histogram(model))
         return PassResult(model, result.modified or bool(counts), counts=counts)
+
+
+# A domain without an opset import: onnxscript's folder skips such nodes before any rewrite.
+_HIDDEN_DOMAIN = "onnxopt.hidden"
+
+
+def _hide_unsafe_nodes(model: ir.Model) -> list[ir.Node]:
+    """Move nodes whose onnxscript rewrite is wrong (onnxscript 0.7) out of the folder's sight.
+
+    - CastLike with ``saturate``/``round_mode``: rewritten to a Cast without them.
+    - SplitToSequence/ConcatFromSequence below opset 18: rewritten to Split/Squeeze/Unsqueeze
+      forms of opset 13/18; SplitToSequence with a scalar split not yet constant: crashes.
+    """
+    opset = model.opset_imports.get("", 1)
+    hidden = []
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.domain != "":
+            continue
+        unsafe = False
+        if node.op_type == "CastLike":
+            unsafe = bool(set(node.attributes) & {"saturate", "round_mode"})
+        elif node.op_type in ("SplitToSequence", "ConcatFromSequence"):
+            split = node.inputs[1] if len(node.inputs) > 1 else None
+            scalar_split = (
+                split is not None
+                and split.const_value is None
+                and split.shape is not None
+                and split.shape.rank() == 0
+            )
+            unsafe = opset < 18 or scalar_split
+        if unsafe:
+            node.domain = _HIDDEN_DOMAIN
+            hidden.append(node)
+    return hidden

@@ -69,3 +69,13 @@ def test_clean_model_is_unchanged() -> None:
     model = make_model(nodes, {"x": (FLOAT, [2, 4])}, {"y": (FLOAT, [2, 4])})
     result = CleanupPass()(model)
     assert not result.modified and result.counts == {} and op_types(model) == ["Relu"]
+
+
+def test_identity_between_two_graph_outputs_is_kept() -> None:
+    nodes = [helper.make_node("Relu", ["x"], ["z"]), helper.make_node("Identity", ["z"], ["y"])]
+    model = make_model(nodes, {"x": (FLOAT, [2, 4])}, {"y": (FLOAT, [2, 4]), "z": (FLOAT, [2, 4])})
+    before = run(model, _feeds())
+    CleanupPass()(model)
+    assert [v.name for v in model.graph.outputs] == ["y", "z"]
+    assert op_types(model) == ["Relu", "Identity"]
+    assert_same_outputs(before, run(model, _feeds()))
