@@ -21,13 +21,16 @@ class FoldConstantsPass(Pass):
       2. Nodes with an input larger than ``max_input_elements`` are left alone (Transpose of a
          weight used once is folded regardless, as it does not grow the model).
       3. Shape computations are resolved from static shapes where they are known.
-      4. Nodes left dead by folding are removed.
+      4. ``Constant`` nodes become initializers (``lift_constants``), which ONNX Runtime and
+         the other passes treat alike, and which the graph no longer counts as nodes.
+      5. Nodes left dead by folding are removed.
     """
 
     name = "fold-constants"
     kind = "exact"
     max_output_elements: int = 65536
     max_input_elements: int = 8192
+    lift_constants: bool = True
 
     def __post_init__(self) -> None:
         if self.max_output_elements < 0 or self.max_input_elements < 0:
@@ -45,6 +48,10 @@ class FoldConstantsPass(Pass):
         finally:
             for node in hidden:
                 node.domain = ""
+        if self.lift_constants and model.ir_version >= 4:  # before IR 4 initializers are inputs
+            ir.passes.common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(
+                model
+            )
         ir.passes.common.RemoveUnusedNodesPass()(model)
         counts = removed_ops(before, op_histogram(model))
         return PassResult(model, result.modified or bool(counts), counts=counts)

@@ -110,3 +110,23 @@ def test_integer_shape_inputs_stay_correct() -> None:
     result = FoldConstantsPass()(model)
     assert result.counts["Add"] == 1 and "Add" not in op_types(model)
     assert_same_outputs(before, run(model, feeds))
+
+
+def test_constant_nodes_become_initializers_unless_told_not_to() -> None:
+    nodes = [
+        helper.make_node("Constant", [], ["c"], value_floats=[1.0, 2.0, 3.0, 4.0]),
+        helper.make_node("Add", ["x", "c"], ["y"]),
+    ]
+
+    def model():
+        return make_model(nodes, {"x": (FLOAT, [2, 4])}, {"y": (FLOAT, [2, 4])})
+
+    kept = model()
+    assert not FoldConstantsPass(lift_constants=False)(kept).modified
+    assert op_types(kept) == ["Constant", "Add"]
+    lifted = model()
+    before = run(lifted, _feeds())
+    result = FoldConstantsPass()(lifted)
+    assert result.counts == {"Constant": 1} and op_types(lifted) == ["Add"]
+    assert list(lifted.graph.initializers) == ["c"]
+    assert_same_outputs(before, run(lifted, _feeds()))
