@@ -19,6 +19,7 @@ class PassReport:
     kind: str
     status: Status = "skipped"
     seconds: float = 0.0
+    verify_seconds: float = 0.0
     nodes_before: int = 0
     nodes_after: int = 0
     bytes_before: int = 0

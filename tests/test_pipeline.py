@@ -164,3 +164,15 @@ def test_spec_is_kept_in_the_report(spec) -> None:
     pipeline = Pipeline(spec, verify=False)
     _, report = pipeline.run(_matmul_model())
     assert report.pipeline == pipeline.spec
+
+
+def test_reproducer_after_an_approximate_pass_expects_its_outputs(tmp_path) -> None:
+    passes = [Approximate(factor=1.01), ScaleWeight(factor=3.0)]
+    _, report = Pipeline(passes, reproducer_dir=tmp_path).run(_matmul_model())
+    assert [p.status for p in report.passes] == ["ok", "failed"]
+    golden = GoldenSet.load(tmp_path / "model.before-test-scale-weight.golden")
+    repro = load(report.passes[1].reproducer["model"])
+    for feeds, expected in zip(golden.inputs, golden.outputs, strict=True):
+        np.testing.assert_array_equal(run(repro, feeds)["y"], expected["y"])
+    _, again = Pipeline([Pass_cleanup()], golden=golden).run(repro)
+    assert again.ok

@@ -43,7 +43,7 @@ def _metric(entry: Any) -> str:
 
 def report_table(report: Report) -> str:
     """The per-pass table, then failures with their first diverging tensor and reproducer."""
-    rows = [("pass", "kind", "status", "metric", "nodes", "weights", "time", "rules fired")]
+    rows = [("pass", "kind", "status", "metric", "nodes", "weights", "time+check", "rules fired")]
     for p in report.passes:
         delta = p.nodes_after - p.nodes_before
         rules = ", ".join(f"{k}={v}" for k, v in p.counts.items()) or "-"
@@ -55,7 +55,7 @@ def report_table(report: Report) -> str:
                 _metric(p),
                 f"{p.nodes_before}->{p.nodes_after} ({delta:+d})" if p.status != "skipped" else "-",
                 human_bytes(p.bytes_after) if p.status != "skipped" else "-",
-                f"{p.seconds:.2f}s" if p.status != "skipped" else "-",
+                f"{p.seconds:.2f}s+{p.verify_seconds:.2f}s" if p.status != "skipped" else "-",
                 rules,
             )
         )
