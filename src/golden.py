@@ -19,9 +19,6 @@ from onnxopt import ort_runner
 from onnxopt.errors import UnsupportedModelError, UsageError
 from onnxopt.metrics import DEFAULT_TOLERANCES, Tolerance
 
-# Sizes tried for symbolic dims, one per captured case: batch-like dims, then all others.
-BATCH_SIZES = (1, 2)
-OTHER_SIZES = (16, 23)
 _CASE_KEY = re.compile(r"^(\d+)/(.+)$")
 
 
@@ -148,13 +145,13 @@ def synthesize(
     if unknown:
         raise UsageError(f"--dim names no symbolic dim of the model: {', '.join(unknown)}")
     free = [s for s in dict.fromkeys(symbolic) if s not in dims]
-    n_cases = max(1, min(shapes, len(BATCH_SIZES))) if free else 1
+    n_cases = max(1, shapes) if free else 1
     rng = np.random.default_rng(seed)
     cases, chosen = [], []
     for case in range(n_cases):
         sizes = dict(dims)
         for sym in free:
-            sizes[sym] = (BATCH_SIZES if "batch" in sym.lower() else OTHER_SIZES)[case]
+            sizes[sym] = dim_size(sym, case)
         feeds = {}
         for i, value in enumerate(graph_inputs):
             shape = []
@@ -166,6 +163,11 @@ def synthesize(
         cases.append(feeds)
         chosen.append({k: v for k, v in sizes.items() if not k.startswith("?")})
     return cases, chosen
+
+
+def dim_size(symbol: str, case: int) -> int:
+    """The size tried for a free symbolic dim in a captured case: batch 1, 2, 3…; others 16, 23…"""
+    return 1 + case if "batch" in symbol.lower() else 16 + 7 * case
 
 
 def random_array(rng: np.random.Generator, value: ir.Value, shape: tuple[int, ...]) -> np.ndarray:

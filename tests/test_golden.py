@@ -98,3 +98,9 @@ def test_untyped_input_cannot_be_synthesized() -> None:
     )
     with pytest.raises(UnsupportedModelError, match="--inputs"):
         synthesize(model)
+
+
+def test_more_shapes_give_more_distinct_cases() -> None:
+    cases, dims = synthesize(_two_input_model(), shapes=3)
+    assert [c["x"].shape[:2] for c in cases] == [(1, 16), (2, 23), (3, 30)]
+    assert len({tuple(d.values()) for d in dims}) == 3
