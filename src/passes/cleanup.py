@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import onnx_ir as ir
 from onnx_ir.passes import common
 
 from onnxopt.pass_api import Pass, PassResult
 from onnxopt.registry import register_pass
-from onnxopt.stats import initializer_count, node_count
+from onnxopt.stats import initializer_count, op_histogram
 
 
 @register_pass
@@ -15,6 +17,8 @@ class CleanupPass(Pass):
     """Remove Identity nodes, common subexpressions, duplicate and unused initializers, dead nodes.
 
     Rules (each counted by the nodes or initializers it removed):
+      0. ``dropout``: Dropout outside training (no ``training_mode``, or a constant false; mask
+         unused; opset 7+) is the identity and becomes an Identity node, removed by rule 1.
       1. ``identity``: Identity nodes are bypassed (graph outputs keep their names).
       2. ``dedup-initializers``: initializers with equal dtype, shape and bytes are merged; only
          those up to ``dedup_max_elements`` are compared, so large weights are never read.
@@ -32,6 +36,7 @@ class CleanupPass(Pass):
         modified = False
         output_types = [(v.type, v.shape) for v in model.graph.outputs]
         steps = [
+            ("dropout", _InferenceDropoutToIdentity()),
             ("identity", _IdentityElimination()),
             ("dedup-initializers", common.DeduplicateInitializersPass(self.dedup_max_elements)),
             ("cse", common.CommonSubexpressionEliminationPass()),
@@ -40,25 +45,55 @@ class CleanupPass(Pass):
             ("unused-opsets", common.RemoveUnusedOpsetsPass()),
         ]
         for rule, step in steps:
-            nodes, inits = node_count(model), initializer_count(model)
-            result = step(model)
-            modified |= result.modified
-            removed_nodes = nodes - node_count(model)
-            removed_inits = inits - initializer_count(model)
+            before = _sizes(model)
+            modified |= step(model).modified
+            after = _sizes(model)
             if rule == "dead-nodes":
-                _add(counts, "dead-nodes", removed_nodes)
-                _add(counts, "unused-initializers", removed_inits)
+                _add(counts, "dead-nodes", before.nodes - after.nodes)
+                _add(counts, "unused-initializers", before.initializers - after.initializers)
             elif rule == "dedup-initializers":
-                _add(counts, rule, removed_inits)
+                _add(counts, rule, before.initializers - after.initializers)
+            elif rule == "dropout":
+                _add(counts, rule, before.dropouts - after.dropouts)
             elif rule.startswith("unused-"):
-                _add(counts, rule, int(result.modified))
+                _add(counts, rule, int(before != after))
             else:
-                _add(counts, rule, removed_nodes)
+                _add(counts, rule, before.nodes - after.nodes)
         for value, (type_, shape) in zip(model.graph.outputs, output_types, strict=True):
             # Bypassing an Identity makes its input the graph output: keep the declared type.
             value.type = value.type or type_
             value.shape = value.shape or shape
         return PassResult(model, modified, counts=counts)
+
+
+class _InferenceDropoutToIdentity(ir.passes.InPlacePass):
+    """Replace inference-mode Dropout nodes by Identity nodes."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if model.opset_imports.get("", 1) < 7:  # before opset 7 Dropout had an is_test attribute
+            return ir.passes.PassResult(model, False)
+        dropouts = [
+            node
+            for node in ir.traversal.RecursiveGraphIterator(model.graph)
+            if node.op_type == "Dropout" and node.domain in ("", "ai.onnx") and _is_inference(node)
+        ]
+        for node in dropouts:
+            identity = ir.node("Identity", [node.inputs[0]], name=node.name)
+            ir.convenience.replace_nodes_and_values(
+                node.graph, node, [node], [identity], [node.outputs[0]], [identity.outputs[0]]
+            )
+        return ir.passes.PassResult(model, bool(dropouts))
+
+
+def _is_inference(node: ir.Node) -> bool:
+    mask = node.outputs[1] if len(node.outputs) > 1 else None
+    if mask is not None and (mask.uses() or mask.is_graph_output()):
+        return False
+    training = node.inputs[2] if len(node.inputs) > 2 else None
+    if training is None:
+        return True
+    value = training.const_value
+    return value is not None and not bool(value.numpy().any())
 
 
 class _IdentityElimination(common.IdentityEliminationPass):
@@ -79,6 +114,25 @@ class _IdentityElimination(common.IdentityEliminationPass):
             ):
                 return False
         return super()._try_eliminate_identity_node(node)
+
+
+class _Sizes(NamedTuple):
+    nodes: int
+    initializers: int
+    dropouts: int
+    functions: int
+    opsets: int
+
+
+def _sizes(model: ir.Model) -> _Sizes:
+    ops = op_histogram(model)
+    return _Sizes(
+        sum(ops.values()),
+        initializer_count(model),
+        ops["Dropout"],
+        len(model.functions),
+        len(model.opset_imports),
+    )
 
 
 def _add(counts: dict[str, int], rule: str, n: int) -> None:

@@ -79,3 +79,23 @@ def test_identity_between_two_graph_outputs_is_kept() -> None:
     assert [v.name for v in model.graph.outputs] == ["y", "z"]
     assert op_types(model) == ["Relu", "Identity"]
     assert_same_outputs(before, run(model, _feeds()))
+
+
+def test_inference_dropout_is_removed_training_dropout_kept() -> None:
+    nodes = [
+        helper.make_node("Dropout", ["x"], ["d1"]),
+        helper.make_node("Dropout", ["d1", "ratio", "false"], ["d2"]),
+        helper.make_node("Dropout", ["d2", "ratio", "true"], ["d3"]),
+        helper.make_node("Relu", ["d3"], ["y"]),
+    ]
+    inits = {
+        "ratio": np.array(0.0, np.float32),
+        "false": np.array(False),
+        "true": np.array(True),
+    }
+    model = make_model(nodes, {"x": (FLOAT, [2, 4])}, {"y": (FLOAT, [2, 4])}, inits, opset=13)
+    before = run(model, _feeds())
+    result = CleanupPass()(model)
+    assert result.counts["dropout"] == 2 and result.counts["identity"] == 2
+    assert op_types(model) == ["Dropout", "Relu"]
+    assert_same_outputs(before, run(model, _feeds()))
