@@ -65,3 +65,33 @@ def rng() -> np.random.Generator:
 @pytest.fixture
 def whisper_path() -> Path:
     return WHISPER
+
+
+def assert_decomposes(
+    model: ir.Model,
+    feeds: dict[str, np.ndarray],
+    op_type: str,
+    *,
+    domain: str = "",
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+) -> ir.Model:
+    """Replace every ``domain::op_type`` node by its decomposition; the same outputs in ORT."""
+    from onnxopt.targets import decompositions
+
+    before = run(model, feeds)
+    opset = model.opset_imports.get("", 1)
+    nodes = [n for n in model.graph.all_nodes() if (n.domain, n.op_type) == (domain, op_type)]
+    assert nodes, f"the model has no {domain}::{op_type}"
+    for node in nodes:
+        options = decompositions.decompositions(domain, op_type)
+        usable = [d for d in options if d.reason_not_applicable(node, opset) is None]
+        assert usable, f"no decomposition applies to {node.name}"
+        decompositions.replace(model, node, usable[0])
+    decompositions.inline_calls(model)
+    remaining = [n.op_type for n in model.graph.all_nodes()]
+    assert op_type not in remaining and not model.functions, remaining
+    after = run(model, feeds)
+    for name in before:
+        np.testing.assert_allclose(after[name], before[name], atol=atol, rtol=rtol, err_msg=name)
+    return model

@@ -1,0 +1,147 @@
+"""Decompositions: onnxscript functions computing an op with simpler standard ONNX ops.
+
+A decomposition is registered for one ``(domain, op_type)``; ``replace`` swaps a node for a call
+to the function, and ``inline_calls`` inlines every such call at the model's opset. Functions are
+written with opset-13 ops whose semantics did not change up to opset 23 (``ReduceSum`` with an
+``axes`` input, not ``ReduceMean``, whose ``axes`` moved to an input at 18), so one function
+serves every model opset from ``min_opset`` on. The node's attributes reach the function's
+attribute parameters by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes import common
+from onnxscript import OnnxFunction
+
+DOMAIN = "onnxopt.decompose"
+_REGISTRY: dict[tuple[str, str], list[Decomposition]] = {}
+_MODULES = ("normalization", "activations", "attention", "quantized", "tensor_ops", "signal")
+
+
+@dataclasses.dataclass(frozen=True)
+class Decomposition:
+    """How to compute ``domain::op_type`` with other ops.
+
+    Attributes:
+        domain: The replaced op's domain ("" for standard ONNX).
+        op_type: The replaced op.
+        function: The onnxscript function; its inputs and outputs are the op's, in order.
+        min_opset: The lowest standard opset at which the function's body is valid.
+        applies: Returns why the function cannot replace this node (None when it can).
+    """
+
+    domain: str
+    op_type: str
+    function: OnnxFunction
+    min_opset: int = 13
+    applies: Callable[[ir.Node], str | None] | None = None
+
+    @functools.cached_property
+    def function_proto(self) -> onnx.FunctionProto:
+        return self.function.to_function_proto()
+
+    @property
+    def function_name(self) -> str:
+        return f"{self.domain or 'ai.onnx'}.{self.op_type}.{self.function_proto.name}"
+
+    def new_ir_function(self) -> ir.Function:
+        """A fresh onnx-ir copy of the function, renamed into the decomposition domain."""
+        function = ir.serde.deserialize_function(self.function_proto)
+        function.domain = DOMAIN
+        function.name = self.function_name
+        return function
+
+    @functools.cached_property
+    def produces(self) -> frozenset[tuple[str, str]]:
+        """The (domain, op_type) pairs the body uses."""
+        return frozenset((n.domain, n.op_type) for n in self.function_proto.node)
+
+    def reason_not_applicable(self, node: ir.Node, opset: int) -> str | None:
+        if opset < self.min_opset:
+            return f"needs opset {self.min_opset}, the model has {opset}"
+        n_out = len(self.function_proto.output)
+        extra = [v for v in node.outputs[n_out:] if v.uses() or v.is_graph_output()]
+        if extra:
+            return f"optional output '{extra[0].name}' is used"
+        return self.applies(node) if self.applies else None
+
+
+def register(
+    domain: str,
+    op_type: str,
+    *,
+    min_opset: int = 13,
+    applies: Callable[[ir.Node], str | None] | None = None,
+) -> Callable[[OnnxFunction], OnnxFunction]:
+    """Decorator: register an onnxscript function as a decomposition of ``domain::op_type``."""
+
+    def decorate(function: OnnxFunction) -> OnnxFunction:
+        entry = Decomposition(domain, op_type, function, min_opset, applies)
+        _REGISTRY.setdefault((domain, op_type), []).append(entry)
+        return function
+
+    return decorate
+
+
+def decompositions(domain: str, op_type: str) -> list[Decomposition]:
+    """The registered decompositions of an op (built-in modules load on first use)."""
+    _load_builtin()
+    return list(_REGISTRY.get(("" if domain == "ai.onnx" else domain, op_type), []))
+
+
+def registered_ops() -> list[tuple[str, str]]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+@functools.cache
+def _load_builtin() -> None:
+    import importlib
+
+    for name in _MODULES:
+        try:
+            importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
+
+
+def replace(model: ir.Model, node: ir.Node, decomposition: Decomposition) -> None:
+    """Replace ``node`` by a call to the decomposition's function (inline with ``inline_calls``)."""
+    function = model.functions.get((DOMAIN, decomposition.function_name, ""))
+    if function is None:
+        function = decomposition.new_ir_function()
+        model.functions[function.identifier()] = function
+    model.opset_imports.setdefault(DOMAIN, 1)
+    declared = set(function.attributes)
+    attributes = [a for a in node.attributes.values() if a.name in declared]
+    call = ir.Node(
+        DOMAIN,
+        function.name,
+        list(node.inputs),
+        attributes=attributes,
+        num_outputs=len(function.outputs),
+        name=node.name,
+    )
+    n_out = len(function.outputs)
+    ir.convenience.replace_nodes_and_values(
+        node.graph, node, [node], [call], list(node.outputs[:n_out]), list(call.outputs)
+    )
+
+
+def inline_calls(model: ir.Model) -> None:
+    """Inline every decomposition call at the model's standard opset, then drop the functions."""
+    opset = model.opset_imports.get("", 1)
+    for function in model.functions.values():
+        if function.domain == DOMAIN:
+            function.opset_imports[""] = opset
+    common.InlinePass()(model)
+    common.RemoveUnusedFunctionsPass()(model)
+    if not any(n.domain == DOMAIN for n in model.graph.all_nodes()):
+        model.opset_imports.pop(DOMAIN, None)
