@@ -11,6 +11,7 @@ _BUILTIN: dict[str, str] = {
     "fold-constants": "onnxopt.passes.fold_constants",
     "cleanup": "onnxopt.passes.cleanup",
     "infer-shapes": "onnxopt.passes.infer_shapes",
+    "lower": "onnxopt.passes.lower",
 }
 # alias -> the pipeline spec it expands to.
 _ALIASES: dict[str, str] = {

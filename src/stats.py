@@ -26,3 +26,9 @@ def removed_ops(before: Counter[str], after: Counter[str]) -> dict[str, int]:
 
 def initializer_count(model: ir.Model) -> int:
     return len(model.graph.initializers) + sum(len(g.initializers) for g in model.graph.subgraphs())
+
+
+def add_count(counts: dict[str, int], rule: str, n: int) -> None:
+    """Add ``n`` firings of ``rule`` (rules that never fired stay out of the counts)."""
+    if n > 0:
+        counts[rule] = counts.get(rule, 0) + n

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import importlib.util
@@ -325,6 +326,32 @@ def verify(
         if metrics.reason:
             click.echo(f"  {metrics.reason}")
     sys.exit(0 if metrics.passed else 3)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--target",
+    "target_name",
+    required=True,
+    metavar="NAME|FILE",
+    help="Target profile: a built-in name (onnx-13, ort-cpu, ...) or a .json/.toml file.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def check(model: Path, target_name: str, as_json: bool) -> None:
+    """List what TARGET cannot run in MODEL and what `lower` can replace (exit 3 if anything)."""
+    from onnxopt.targets import load_target
+    from onnxopt.targets.check import unsupported
+
+    target = load_target(target_name)
+    findings = unsupported(model_io.load(model), target)
+    if as_json:
+        rows = [dict(dataclasses.asdict(f), op=f.op) for f in findings]
+        click.echo(json.dumps({"target": target.name, "unsupported": rows}, indent=2))
+    else:
+        click.echo(render.findings_text(target, findings))
+    sys.exit(3 if findings else 0)
 
 
 @cli.command()

@@ -171,3 +171,22 @@ def model_summary_text(s: dict[str, Any]) -> str:
         for dtype, e in s["by_dtype"].items()
     ]
     return "\n".join(lines)
+
+
+def findings_text(target: Any, findings: list[Any]) -> str:
+    """What a target cannot run, one op type a line, with what `lower` does about it."""
+    if not findings:
+        return f"{target.name}: every node is supported"
+    fixes = {"decompose": "lower decomposes it", "convert-opset": "lower converts it", "": "-"}
+    rows = [("op", "nodes", "why", "fix")] + [
+        (f.op, str(f.count), f.reason, fixes[f.fix]) for f in findings
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = [f"{target.name}: {len(findings)} unsupported"]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    fixable = sum(1 for f in findings if f.fix)
+    spec = f"lower(target={target.name})"
+    lines.append(
+        f"{fixable} of {len(findings)} fixable: onnxopt run MODEL -o OUT --passes '{spec}'"
+    )
+    return "\n".join(lines)

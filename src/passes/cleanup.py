@@ -9,7 +9,7 @@ from onnx_ir.passes import common
 
 from onnxopt.pass_api import Pass, PassResult
 from onnxopt.registry import register_pass
-from onnxopt.stats import initializer_count, op_histogram
+from onnxopt.stats import add_count, initializer_count, op_histogram
 
 
 @register_pass
@@ -49,16 +49,16 @@ class CleanupPass(Pass):
             modified |= step(model).modified
             after = _sizes(model)
             if rule == "dead-nodes":
-                _add(counts, "dead-nodes", before.nodes - after.nodes)
-                _add(counts, "unused-initializers", before.initializers - after.initializers)
+                add_count(counts, "dead-nodes", before.nodes - after.nodes)
+                add_count(counts, "unused-initializers", before.initializers - after.initializers)
             elif rule == "dedup-initializers":
-                _add(counts, rule, before.initializers - after.initializers)
+                add_count(counts, rule, before.initializers - after.initializers)
             elif rule == "dropout":
-                _add(counts, rule, before.dropouts - after.dropouts)
+                add_count(counts, rule, before.dropouts - after.dropouts)
             elif rule.startswith("unused-"):
-                _add(counts, rule, int(before != after))
+                add_count(counts, rule, int(before != after))
             else:
-                _add(counts, rule, before.nodes - after.nodes)
+                add_count(counts, rule, before.nodes - after.nodes)
         for value, (type_, shape) in zip(model.graph.outputs, output_types, strict=True):
             # Bypassing an Identity makes its input the graph output: keep the declared type.
             value.type = value.type or type_
@@ -133,8 +133,3 @@ def _sizes(model: ir.Model) -> _Sizes:
         len(model.functions),
         len(model.opset_imports),
     )
-
-
-def _add(counts: dict[str, int], rule: str, n: int) -> None:
-    if n > 0:
-        counts[rule] = counts.get(rule, 0) + n

@@ -1,0 +1,132 @@
+"""Convert a model's standard opset, with our own adapters where onnx's converter has none.
+
+onnx's converter refuses a whole model when one op lacks an adapter, even an op whose newer
+version only added an attribute or input the node does not use (Shape-15's ``start``/``end``,
+say). Such a node means the same at the older opset, so after onnx's converter gives up we move
+those nodes ourselves, and name the first node that really needs an adapter we do not have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+
+import onnx
+import onnx_ir as ir
+from onnxscript.version_converter import ConvertVersionPass
+
+# Ops whose attribute values gained meanings without a new attribute name: same signature,
+# different semantics. The predicate says whether this node is safe to move down.
+_VALUE_CHANGES: dict[str, Callable[[ir.Node], bool]] = {
+    "Pad": lambda n: n.attributes.get_string("mode", "constant") != "wrap",
+    "Resize": lambda n: (
+        n.attributes.get_string("coordinate_transformation_mode", "") != "half_pixel_symmetric"
+    ),
+    "GridSample": lambda n: False,
+}
+
+
+def convert_opset(model: ir.Model, opset: int) -> str | None:
+    """Move the standard domain to ``opset``; returns why it could not (None when it did)."""
+    if model.opset_imports.get("", 1) == opset:
+        return None
+    with _quiet("onnxscript.version_converter"):
+        ConvertVersionPass(target_version=opset, fallback=True)(model)
+    if model.opset_imports.get("", 1) == opset:
+        return None
+    return _move_compatible_nodes(model, opset)
+
+
+def _move_compatible_nodes(model: ir.Model, opset: int) -> str | None:
+    current = model.opset_imports.get("", 1)
+    adapters = []
+    for node in model.graph.all_nodes():
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if _is_reduce_with_axes_input(node, current, opset):
+            problem = None if node.inputs[1].const_value is not None else "axes are not constant"
+            adapters.append(node)
+        else:
+            problem = _incompatibility(node, current, opset)
+        if problem:
+            return f"node '{node.name}' ({node.op_type}): {problem}"
+    for node in adapters:
+        _axes_input_to_attribute(node)
+    model.opset_imports[""] = opset
+    for function in model.functions.values():
+        if "" in function.opset_imports:
+            function.opset_imports[""] = opset
+    return None
+
+
+_REDUCE_AXES_MOVED_AT_18 = frozenset(
+    {
+        "ReduceL1",
+        "ReduceL2",
+        "ReduceLogSum",
+        "ReduceLogSumExp",
+        "ReduceMax",
+        "ReduceMean",
+        "ReduceMin",
+        "ReduceProd",
+        "ReduceSumSquare",
+    }
+)
+
+
+def _is_reduce_with_axes_input(node: ir.Node, current: int, opset: int) -> bool:
+    """Reductions whose axes became an input at opset 18, going below 18 with axes given."""
+    return (
+        node.op_type in _REDUCE_AXES_MOVED_AT_18
+        and current >= 18 > opset
+        and len(node.inputs) > 1
+        and node.inputs[1] is not None
+        and not node.attributes.get_int("noop_with_empty_axes", 0)
+    )
+
+
+def _axes_input_to_attribute(node: ir.Node) -> None:
+    """Reduce-18 ``axes`` input -> Reduce-13 ``axes`` attribute (the input is constant)."""
+    axes = node.inputs[1].const_value.numpy().reshape(-1).tolist()
+    node.resize_inputs(1)
+    node.attributes["axes"] = ir.AttrInt64s("axes", [int(a) for a in axes])
+
+
+def _incompatibility(node: ir.Node, current: int, opset: int) -> str | None:
+    try:
+        new = onnx.defs.get_schema(node.op_type, current, "")
+        old = onnx.defs.get_schema(node.op_type, opset, "")
+    except onnx.defs.SchemaError:
+        return f"does not exist at opset {opset}"
+    if new.since_version == old.since_version:
+        return None
+    if old.deprecated:
+        return f"is deprecated at opset {opset}"
+    used_inputs = max((i + 1 for i, v in enumerate(node.inputs) if v is not None), default=0)
+    variadic = (
+        old.inputs and old.inputs[-1].option == onnx.defs.OpSchema.FormalParameterOption.Variadic
+    )
+    if not variadic and used_inputs > len(old.inputs):
+        return f"uses input {used_inputs} that opset {opset} does not have"
+    if [i.name for i in new.inputs[:used_inputs]] != [i.name for i in old.inputs[:used_inputs]]:
+        return f"its inputs changed meaning between opset {opset} and {current}"
+    extra = sorted(set(node.attributes) - set(old.attributes))
+    if extra:
+        return f"uses attribute(s) {', '.join(extra)} that opset {opset} does not have"
+    safe = _VALUE_CHANGES.get(node.op_type)
+    if safe is not None and not safe(node):
+        return f"uses a mode that opset {opset} does not have"
+    return None
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Silence a library's warnings (its fallback's traceback) for the duration."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

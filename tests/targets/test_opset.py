@@ -1,0 +1,48 @@
+"""Opset conversion with our adapters where onnx's converter has none."""
+
+from __future__ import annotations
+
+import numpy as np
+from conftest import FLOAT, assert_same_outputs, make_model, op_types, run
+from onnx import helper
+
+from onnxopt.targets.opset import convert_opset
+
+
+def _shape_then_reduce(opset: int, **shape_attrs):
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"], **shape_attrs),
+        helper.make_node("Cast", ["s"], ["sf"], to=FLOAT),
+        helper.make_node("ReduceMean", ["x", "axes"], ["m"], keepdims=0),
+        helper.make_node("Add", ["m", "sf"], ["y"]),
+    ]
+    inits = {"axes": np.array([1], np.int64)}
+    return make_model(nodes, {"x": (FLOAT, [2, 2])}, {"y": (FLOAT, [2])}, inits, opset=opset)
+
+
+def test_down_conversion_where_onnx_has_no_adapter() -> None:
+    model = _shape_then_reduce(18)  # Shape-15 (no adapter to 13), ReduceMean-18 (axes input)
+    feeds = {"x": np.arange(4, dtype=np.float32).reshape(2, 2)}
+    before = run(model, feeds)
+    assert convert_opset(model, 13) is None
+    assert model.opset_imports[""] == 13
+    reduce = next(n for n in model.graph if n.op_type == "ReduceMean")
+    assert len(reduce.inputs) == 1 and list(reduce.attributes["axes"].as_ints()) == [1]
+    assert op_types(model) == ["Shape", "Cast", "ReduceMean", "Add"]
+    assert_same_outputs(before, run(model, feeds))
+
+
+def test_a_node_using_what_the_old_opset_lacks_is_named() -> None:
+    model = _shape_then_reduce(18, start=1)
+    problem = convert_opset(model, 13)
+    assert problem is not None and "Shape" in problem and "start" in problem
+    assert model.opset_imports[""] == 18
+
+
+def test_up_conversion() -> None:
+    nodes = [helper.make_node("Unsqueeze", ["x"], ["y"], axes=[0])]
+    model = make_model(nodes, {"x": (FLOAT, [3])}, {"y": (FLOAT, [1, 3])}, opset=11)
+    feeds = {"x": np.arange(3, dtype=np.float32)}
+    before = run(model, feeds)
+    assert convert_opset(model, 13) is None and model.opset_imports[""] == 13
+    assert_same_outputs(before, run(model, feeds))
