@@ -53,6 +53,9 @@ def _move_compatible_nodes(model: ir.Model, opset: int) -> str | None:
             return f"node '{node.name}' ({node.op_type}): {problem}"
     for node in adapters:
         _axes_input_to_attribute(node)
+    for node in model.graph.all_nodes():
+        if node.domain in ("", "ai.onnx"):
+            _drop_attributes_unknown_at(node, opset)
     model.opset_imports[""] = opset
     for function in model.functions.values():
         if "" in function.opset_imports:
@@ -111,13 +114,33 @@ def _incompatibility(node: ir.Node, current: int, opset: int) -> str | None:
         return f"uses input {used_inputs} that opset {opset} does not have"
     if [i.name for i in new.inputs[:used_inputs]] != [i.name for i in old.inputs[:used_inputs]]:
         return f"its inputs changed meaning between opset {opset} and {current}"
-    extra = sorted(set(node.attributes) - set(old.attributes))
+    extra = sorted(
+        name
+        for name in set(node.attributes) - set(old.attributes)
+        if not _is_default(node.attributes[name], new)
+    )
     if extra:
         return f"uses attribute(s) {', '.join(extra)} that opset {opset} does not have"
     safe = _VALUE_CHANGES.get(node.op_type)
     if safe is not None and not safe(node):
         return f"uses a mode that opset {opset} does not have"
     return None
+
+
+def _is_default(attr: ir.Attr, schema: onnx.defs.OpSchema) -> bool:
+    """Whether a node attribute holds the schema's default (the behaviour before it existed)."""
+    declared = schema.attributes.get(attr.name)
+    if declared is None or not declared.default_value.name:
+        return False
+    value = onnx.helper.get_attribute_value(ir.serde.serialize_attribute(attr))
+    return value == onnx.helper.get_attribute_value(declared.default_value)
+
+
+def _drop_attributes_unknown_at(node: ir.Node, opset: int) -> None:
+    """Remove attributes the op's schema at ``opset`` does not declare (checked: defaults)."""
+    declared = onnx.defs.get_schema(node.op_type, opset, "").attributes
+    for name in [n for n in node.attributes if n not in declared]:
+        del node.attributes[name]
 
 
 @contextlib.contextmanager

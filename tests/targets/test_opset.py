@@ -46,3 +46,22 @@ def test_up_conversion() -> None:
     before = run(model, feeds)
     assert convert_opset(model, 13) is None and model.opset_imports[""] == 13
     assert_same_outputs(before, run(model, feeds))
+
+
+def test_attribute_at_its_default_does_not_block_down_conversion() -> None:
+    nodes = [helper.make_node("Reshape", ["x", "s"], ["y"], allowzero=0)]  # Reshape-14
+    inits = {"s": np.array([4], np.int64)}
+    model = make_model(nodes, {"x": (FLOAT, [2, 2])}, {"y": (FLOAT, [4])}, inits, opset=17)
+    feeds = {"x": np.arange(4, dtype=np.float32).reshape(2, 2)}
+    before = run(model, feeds)
+    assert convert_opset(model, 13) is None
+    assert "allowzero" not in model.graph.node(0).attributes
+    assert_same_outputs(before, run(model, feeds))
+    model = make_model(
+        nodes[:0] + [helper.make_node("Reshape", ["x", "s"], ["y"], allowzero=1)],
+        {"x": (FLOAT, [2, 2])},
+        {"y": (FLOAT, [4])},
+        inits,
+        opset=17,
+    )
+    assert "allowzero" in convert_opset(model, 13)
