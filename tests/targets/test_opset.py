@@ -49,19 +49,15 @@ def test_up_conversion() -> None:
 
 
 def test_attribute_at_its_default_does_not_block_down_conversion() -> None:
-    nodes = [helper.make_node("Reshape", ["x", "s"], ["y"], allowzero=0)]  # Reshape-14
-    inits = {"s": np.array([4], np.int64)}
-    model = make_model(nodes, {"x": (FLOAT, [2, 2])}, {"y": (FLOAT, [4])}, inits, opset=17)
+    def reshape(allowzero: int):  # allowzero appeared in Reshape-14; 0 is the old behaviour
+        node = helper.make_node("Reshape", ["x", "s"], ["y"], allowzero=allowzero)
+        inits = {"s": np.array([4], np.int64)}
+        return make_model([node], {"x": (FLOAT, [2, 2])}, {"y": (FLOAT, [4])}, inits, opset=17)
+
+    model = reshape(0)
     feeds = {"x": np.arange(4, dtype=np.float32).reshape(2, 2)}
     before = run(model, feeds)
     assert convert_opset(model, 13) is None
     assert "allowzero" not in model.graph.node(0).attributes
     assert_same_outputs(before, run(model, feeds))
-    model = make_model(
-        nodes[:0] + [helper.make_node("Reshape", ["x", "s"], ["y"], allowzero=1)],
-        {"x": (FLOAT, [2, 2])},
-        {"y": (FLOAT, [4])},
-        inits,
-        opset=17,
-    )
-    assert "allowzero" in convert_opset(model, 13)
+    assert "allowzero" in convert_opset(reshape(1), 13)
