@@ -42,3 +42,11 @@ def test_writing_a_pass_example_runs() -> None:
     assert_same_outputs(before, run(model, feeds))
     kept = make_model(nodes, {"x": (FLOAT, [2, 3])}, {"y": (FLOAT, [2, 3])})
     assert not namespace["DropDropout"](keep_names=["d0"])(kept).modified
+
+
+def test_every_builtin_target_is_documented() -> None:
+    from onnxopt.targets import builtin_targets
+
+    overview = (DOCS / "targets.md").read_text()
+    for name in builtin_targets():
+        assert f"`{name}`" in overview, name
