@@ -129,9 +129,11 @@ def replace(model: ir.Model, node: ir.Node, decomposition: Decomposition) -> Non
         num_outputs=len(function.outputs),
         name=node.name,
     )
-    n_out = len(function.outputs)
+    # An absent optional output ('' in the proto) has no name to lend: the call's value keeps
+    # its own (else the inlined body would write a value named '', i.e. a missing one).
+    pairs = [(old, new) for old, new in zip(node.outputs, call.outputs, strict=False) if old.name]
     ir.convenience.replace_nodes_and_values(
-        node.graph, node, [node], [call], list(node.outputs[:n_out]), list(call.outputs)
+        node.graph, node, [node], [call], [old for old, _ in pairs], [new for _, new in pairs]
     )
 
 
