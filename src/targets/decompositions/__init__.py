@@ -66,6 +66,11 @@ class Decomposition:
         if opset < self.min_opset:
             return f"needs opset {self.min_opset}, the model has {opset}"
         n_out = len(self.function_proto.output)
+        given = max((i + 1 for i, v in enumerate(node.inputs) if v is not None), default=0)
+        if given > len(self.function_proto.input):
+            return (
+                f"input {given - 1} is given; the function takes {len(self.function_proto.input)}"
+            )
         extra = [v for v in node.outputs[n_out:] if v.uses() or v.is_graph_output()]
         if extra:
             return f"optional output '{extra[0].name}' is used"
@@ -121,10 +126,13 @@ def replace(model: ir.Model, node: ir.Node, decomposition: Decomposition) -> Non
     model.opset_imports.setdefault(DOMAIN, 1)
     declared = set(function.attributes)
     attributes = [a for a in node.attributes.values() if a.name in declared]
+    inputs = list(node.inputs)
+    while inputs and inputs[-1] is None:  # omitted trailing optional inputs
+        inputs.pop()
     call = ir.Node(
         DOMAIN,
         function.name,
-        list(node.inputs),
+        inputs,
         attributes=attributes,
         num_outputs=len(function.outputs),
         name=node.name,
