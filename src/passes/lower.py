@@ -42,13 +42,14 @@ class LowerPass(Pass):
         target = load_target(self.target)
         end_opset = _end_opset(model, target)
         counts: dict[str, int] = {}
+        InferShapesPass()(model)  # decompositions choose their variant by rank and dtype
         for _ in range(_ROUNDS):
             replaced = _decompose(model, target, end_opset, counts)
             if not replaced:
                 break
             decomp.inline_calls(model)
         if not target.supports("", "CastLike", end_opset):
-            InferShapesPass()(model)
+            InferShapesPass()(model)  # the inlined bodies are not annotated yet
             add_count(counts, "CastLike", _castlike_to_cast(model))
         if counts:
             FoldConstantsPass()(model)

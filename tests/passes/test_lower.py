@@ -56,3 +56,74 @@ def test_unknown_target_fails_when_the_pass_is_built() -> None:
 
     with pytest.raises(UsageError, match="unknown target"):
         Pipeline("lower(target=onnx-99)")
+
+
+def _model_with(op: str, rng: np.random.Generator) -> tuple[ir.Model, dict[str, np.ndarray]]:
+    """A small model around one op a new user would lower, at the opset it needs."""
+    x = rng.standard_normal((2, 4, 8)).astype(np.float32)
+    ms = "com.microsoft"
+    if op == "Gelu":
+        nodes = [
+            helper.make_node("Gelu", ["x"], ["g"]),
+            helper.make_node("Transpose", ["g"], ["y"]),
+        ]
+        model = make_model(nodes, {"x": (FLOAT, [2, 4, 8])}, {"y": (FLOAT, [8, 4, 2])}, opset=20)
+    elif op == "GroupNormalization":
+        inits = {"s": rng.standard_normal(4).astype(np.float32), "b": np.ones(4, np.float32)}
+        nodes = [
+            helper.make_node("GroupNormalization", ["x", "s", "b"], ["g"], num_groups=2),
+            helper.make_node("ReduceMean", ["g", "axes"], ["y"], keepdims=0),  # axes input (18+)
+        ]
+        inits["axes"] = np.array([2], np.int64)
+        model = make_model(
+            nodes, {"x": (FLOAT, [2, 4, 8])}, {"y": (FLOAT, [2, 4])}, inits, opset=21
+        )
+    elif op == "Attention":
+        q = ["q", "q", "q"]
+        nodes = [
+            helper.make_node("Reshape", ["x", "shape"], ["q"]),
+            helper.make_node("Attention", q, ["y"]),
+        ]
+        inits = {"shape": np.array([2, 2, 4, 4], np.int64)}
+        model = make_model(
+            nodes, {"x": (FLOAT, [2, 4, 8])}, {"y": (FLOAT, [2, 2, 4, 4])}, inits, opset=23
+        )
+    else:  # contrib fused ops and 4-bit weights
+        k, n, block = 8, 8, 16
+        inits = {
+            "gamma": np.ones(8, np.float32),
+            "w": rng.integers(0, 255, (n, 1, block // 2), dtype=np.uint8),
+            "scales": (rng.random(n) * 0.1).astype(np.float32),
+        }
+        nodes = [
+            helper.make_node("SkipLayerNormalization", ["x", "x", "gamma"], ["s"], domain=ms),
+            helper.make_node("FastGelu", ["s"], ["g"], domain=ms),
+            helper.make_node(
+                "MatMulNBits",
+                ["g", "w", "scales"],
+                ["y"],
+                domain=ms,
+                K=k,
+                N=n,
+                bits=4,
+                block_size=block,
+            ),
+        ]
+        model = make_model(
+            nodes, {"x": (FLOAT, [2, 4, 8])}, {"y": (FLOAT, [2, 4, 8])}, inits, opset=17
+        )
+        model.opset_imports[ms] = 1
+    return model, {"x": x}
+
+
+@pytest.mark.parametrize("target", ["onnx-13", "onnx-17"])
+@pytest.mark.parametrize("op", ["Gelu", "GroupNormalization", "Attention", "contrib"])
+def test_newer_and_contrib_ops_lowered_to_old_opsets(op: str, target: str, rng) -> None:
+    model, feeds = _model_with(op, rng)
+    expected = run(model, feeds)
+    golden = GoldenSet(inputs=[feeds], outputs=[expected])
+    lowered, entry = _lowered(model, target, golden)
+    assert lowered.opset_imports[""] == load_target(target).opset
+    assert unsupported(lowered, load_target(target)) == [], entry.notes
+    for name, value in run(lowered, feeds).items():
+        np.testing.assert_allclose(value, expected[name], atol=1e-4, rtol=1e-3)
