@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import onnx_ir as ir
+from onnxscript.optimizer import fold_constants
 
 from onnxopt.pass_api import Pass, PassResult
-from onnxopt.passes.fold_constants import FoldConstantsPass
 from onnxopt.passes.infer_shapes import InferShapesPass
 from onnxopt.registry import register_pass
 from onnxopt.stats import add_count
@@ -27,13 +27,16 @@ class LowerPass(Pass):
       2. ``CastLike`` (opset 15) becomes ``Cast`` where the target lacks it and the type is known.
       3. The standard opset is converted (up or down) when the target does not load it, with
          onnxscript's version converter, falling back to onnx's.
-      4. Decomposed constant subgraphs (weight unpacking, DFT bases, axes) are folded.
+      4. Constant subgraphs the decompositions created (weight unpacking, DFT bases, axes) are
+         folded, up to ``max_folded_elements`` per tensor (MatMulNBits becomes a MatMul with
+         fp32 weights); nodes that were in the model before are left to ``fold-constants``.
     What is still unsupported afterwards is listed in the notes.
     """
 
     name = "lower"
     kind = "exact"
     target: str = "onnx-17"
+    max_folded_elements: int = 1 << 26
 
     def __post_init__(self) -> None:
         load_target(self.target)  # unknown targets fail when the pipeline is built
@@ -42,6 +45,7 @@ class LowerPass(Pass):
         target = load_target(self.target)
         end_opset = _end_opset(model, target)
         counts: dict[str, int] = {}
+        original = set(model.graph.all_nodes())
         InferShapesPass()(model)  # decompositions choose their variant by rank and dtype
         for _ in range(_ROUNDS):
             replaced = _decompose(model, target, end_opset, counts)
@@ -52,7 +56,14 @@ class LowerPass(Pass):
             InferShapesPass()(model)  # the inlined bodies are not annotated yet
             add_count(counts, "CastLike", _castlike_to_cast(model))
         if counts:
-            FoldConstantsPass()(model)
+            limit = self.max_folded_elements
+            fold_constants(  # only what lower created (the folder's own rewrites count as such)
+                model,
+                input_size_limit=limit,
+                output_size_limit=limit,
+                should_fold=lambda node: node not in original,
+            )
+            ir.passes.common.RemoveUnusedNodesPass()(model)
         notes = []
         if model.opset_imports.get("", 1) != end_opset:
             problem = convert_opset(model, end_opset)

@@ -127,3 +127,33 @@ def test_newer_and_contrib_ops_lowered_to_old_opsets(op: str, target: str, rng) 
     assert unsupported(lowered, load_target(target)) == [], entry.notes
     for name, value in run(lowered, feeds).items():
         np.testing.assert_allclose(value, expected[name], atol=1e-4, rtol=1e-3)
+
+
+def test_4bit_weights_become_fp32_weights_for_targets_without_contrib_ops(rng) -> None:
+    k = n = 128
+    block = 32
+    inits = {
+        "w": rng.integers(0, 255, (n, k // block, block // 2), dtype=np.uint8),
+        "scales": (rng.random(n * k // block) * 0.1).astype(np.float32),
+    }
+    node = helper.make_node(
+        "MatMulNBits",
+        ["x", "w", "scales"],
+        ["y"],
+        domain="com.microsoft",
+        K=k,
+        N=n,
+        bits=4,
+        block_size=block,
+    )
+    model = make_model([node], {"x": (FLOAT, [3, k])}, {"y": (FLOAT, [3, n])}, inits)
+    model.opset_imports["com.microsoft"] = 1
+    feeds = {"x": rng.standard_normal((3, k)).astype(np.float32)}
+    expected = run(model, feeds)
+    lowered, entry = _lowered(model, "onnx-17", GoldenSet(inputs=[feeds], outputs=[expected]))
+    assert op_types(lowered) == ["MatMul"] and entry.counts["MatMulNBits"] == 1
+    weight = lowered.graph.node(0).inputs[1].const_value
+    assert weight is not None and weight.shape == (k, n) and weight.dtype == ir.DataType.FLOAT
+    np.testing.assert_allclose(run(lowered, feeds)["y"], expected["y"], atol=1e-4, rtol=1e-3)
+    capped = Pipeline([LowerPass(target="onnx-17", max_folded_elements=1000)]).run(model)[0]
+    assert "MatMul" in op_types(capped) and len(op_types(capped)) > 1  # unpacked at run time
