@@ -14,7 +14,7 @@ from onnxopt.stats import add_count, initializer_count, op_histogram
 
 @register_pass
 class CleanupPass(Pass):
-    """Remove Identity nodes, common subexpressions, duplicate and unused initializers, dead nodes.
+    """Remove inference Dropout, Identity, duplicate initializers, common subexpressions, dead code.
 
     Rules (each counted by the nodes or initializers it removed):
       0. ``dropout``: Dropout outside training (no ``training_mode``, or a constant false; mask
