@@ -5,12 +5,14 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-from conftest import assert_decomposes
+from conftest import assert_decomposes, make_model, run
 from onnx import TensorProto, helper
 
+from onnxopt import GoldenSet, Pipeline
+from onnxopt.passes.lower import LowerPass
 from onnxopt.targets import decompositions
 
-FLOAT, BOOL = TensorProto.FLOAT, TensorProto.BOOL
+FLOAT, BOOL, INT32 = TensorProto.FLOAT, TensorProto.BOOL, TensorProto.INT32
 
 
 def _model(
@@ -129,3 +131,120 @@ def test_multi_head_attention(attention_bias: bool, scale: float | None, rng) ->
     node = helper.make_node("MultiHeadAttention", names, ["y"], domain="com.microsoft", **attrs)
     model = _model(node, inputs, opset=17, ms=True)
     assert_decomposes(model, _feeds(inputs, rng), "MultiHeadAttention", domain="com.microsoft")
+
+
+_BATCH, _SEQ, _HIDDEN, _HEADS = 2, 5, 8, 2
+
+
+def _packed_attention(
+    rng, *, mask: bool = False, inputs: tuple[str, ...] = (), outputs=("y",), **attrs
+) -> tuple[ir.Model, dict[str, np.ndarray]]:
+    """com.microsoft Attention on [2, 5, 8] with 2 heads; weights and bias initializers.
+
+    ``inputs`` names more inputs after the mask slot (past, attention_bias, ...), '' for none.
+    """
+    weights = rng.standard_normal((_HIDDEN, 3 * _HIDDEN)).astype(np.float32)
+    bias = rng.standard_normal(3 * _HIDDEN).astype(np.float32)
+    io = {"x": (FLOAT, [_BATCH, _SEQ, _HIDDEN])}
+    feeds = {"x": rng.standard_normal((_BATCH, _SEQ, _HIDDEN)).astype(np.float32)}
+    if mask:
+        io["mask"] = (INT32, [_BATCH, _SEQ])
+        feeds["mask"] = np.array([[1, 1, 1, 0, 0], [1, 0, 1, 1, 1]], dtype=np.int32)
+    for name in filter(None, inputs):  # only declared: these tests do not run the model
+        io[name] = (INT32 if name == "past_length" else FLOAT, None)
+    names = ["x", "w", "b", "mask" if mask else "", *inputs]
+    while names[-1] == "":
+        names.pop()
+    node = helper.make_node(
+        "Attention",
+        names,
+        list(outputs),
+        domain="com.microsoft",
+        num_heads=_HEADS,
+        **attrs,
+    )
+    model = make_model(
+        [node], io, {o: (FLOAT, None) for o in outputs if o}, {"w": weights, "b": bias}
+    )
+    model.opset_imports["com.microsoft"] = 1
+    return model, feeds
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mask", [False, True])
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_packed_attention(mask: bool, causal: bool, scale: float | None, rng) -> None:
+    attrs = ({"unidirectional": 1} if causal else {}) | ({} if scale is None else {"scale": scale})
+    model, feeds = _packed_attention(rng, mask=mask, **attrs)
+    result = assert_decomposes(model, feeds, "Attention", domain="com.microsoft")
+    ops = [n.op_type for n in result.graph]
+    assert (
+        "Softmax" in ops and ("Range" in ops) == causal and ("Greater" in ops) == (mask or causal)
+    )
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_packed_attention_mask_filter_value(causal: bool, rng) -> None:
+    """The mask adds mask_filter_value (a row masked entirely averages V); causal is -inf."""
+    attrs = {"mask_filter_value": -3.0} | ({"unidirectional": 1} if causal else {})
+    model, feeds = _packed_attention(rng, mask=True, **attrs)
+    feeds["mask"][1] = 0  # the second batch item masked entirely
+    feeds["mask"][0, 1] = 7  # > 0 counts as kept
+    assert_decomposes(model, feeds, "Attention", domain="com.microsoft")
+
+
+def test_packed_attention_equal_qkv_hidden_sizes(rng) -> None:
+    model, feeds = _packed_attention(rng, qkv_hidden_sizes=[_HIDDEN] * 3)
+    assert_decomposes(model, feeds, "Attention", domain="com.microsoft")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "mask_shape", "reason"),
+    [
+        ({"inputs": ("past",), "outputs": ("y", "present")}, None, "optional output"),
+        ({"inputs": ("past",)}, None, "past"),
+        ({"inputs": ("", "", "past_length")}, None, "past"),
+        ({"inputs": ("", "attention_bias")}, None, "attention_bias"),
+        ({"do_rotary": 1}, None, "do_rotary"),
+        ({"qkv_hidden_sizes": [8, 8, 4]}, None, "qkv_hidden_sizes"),
+        ({}, [_BATCH], "mask_index"),
+        ({}, [_BATCH, _SEQ, _SEQ], "mask_index"),
+        ({}, [_BATCH, 1, _SEQ, _SEQ], "mask_index"),
+        ({"outputs": ("y", "present")}, None, "optional output"),
+    ],
+)
+def test_packed_attention_not_applicable(
+    kwargs: dict, mask_shape: list[int] | None, reason: str, rng
+) -> None:
+    model, _ = _packed_attention(rng, mask=mask_shape is not None, **kwargs)
+    if mask_shape is not None:
+        model.graph.inputs[1].shape = ir.Shape(mask_shape)
+    (node,) = model.graph
+    reasons = [
+        d.reason_not_applicable(node, 17)
+        for d in decompositions.decompositions("com.microsoft", "Attention")
+    ]
+    assert all(reasons) and any(reason in r for r in reasons), reasons
+
+
+def test_packed_attention_without_bias_not_applicable(rng) -> None:
+    model, _ = _packed_attention(rng)
+    (node,) = model.graph
+    node.replace_input_with(2, None)
+    reasons = [
+        d.reason_not_applicable(node, 17)
+        for d in decompositions.decompositions("com.microsoft", "Attention")
+    ]
+    assert all(r == "no bias" for r in reasons), reasons
+
+
+def test_packed_attention_lowered_to_opset_13(rng) -> None:
+    model, feeds = _packed_attention(rng, mask=True, unidirectional=1)
+    expected = run(model, feeds)
+    golden = GoldenSet(inputs=[feeds], outputs=[expected])
+    lowered, report = Pipeline([LowerPass(target="onnx-13")], golden=golden).run(model)
+    (entry,) = report.passes
+    assert entry.status == "ok", entry.reason
+    assert entry.counts["Attention"] == 1 and lowered.opset_imports[""] == 13
+    assert not any(n.domain == "com.microsoft" for n in lowered.graph.all_nodes())
+    np.testing.assert_allclose(run(lowered, feeds)["y"], expected["y"], atol=1e-5, rtol=1e-4)

@@ -5,10 +5,17 @@
 is ``Where(mask, 0, -inf)``) and, with ``is_causal``, ``-inf`` where key > query (top-left
 aligned: no past). With a mask, rows masked entirely give 0, not NaN, as the spec says.
 
+com.microsoft Attention projects ``input @ weights + bias`` into packed Q, K, V first. As in
+ORT's CPU kernel, a 2D ``mask_index`` (key padding, > 0 kept) adds ``mask_filter_value``
+(-10000 by default, so a row masked entirely averages V rather than giving 0), and
+``unidirectional`` masks future keys outright (ORT uses the lowest float, here ``-inf``).
+
 Not covered (the op is left alone): past key/value, softcap, nonpad_kv_seqlen, grouped-query
 heads (fewer KV heads than Q heads), a mask shorter than the key sequence, 3D inputs with
 both a mask and ``is_causal``; MultiHeadAttention with packed QKV/KV, bias, key_padding_mask,
-past or unidirectional.
+past or unidirectional; com.microsoft Attention without bias, with past, attention_bias,
+do_rotary, unequal qkv_hidden_sizes, or a mask_index that is not 2D (sequence lengths,
+3D or 4D masks).
 """
 
 from __future__ import annotations
@@ -326,4 +333,174 @@ def multi_head_attention_bias(
     factor = op.Where(op.Equal(given, zero), op.Reciprocal(op.Sqrt(size)), given)
     scores = op.MatMul(q * factor, k) + attention_bias
     y = op.MatMul(op.Softmax(scores, axis=-1), v)
+    return op.Reshape(op.Transpose(y, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
+
+
+_MS_BIAS, _MS_MASK, _MS_PAST, _MS_ATTENTION_BIAS, _MS_PAST_LENGTH = 2, 3, 4, 5, 6
+
+
+def _packed_attention_applies(mask: bool, causal: bool) -> Callable[[ir.Node], str | None]:
+    """com.microsoft Attention with 3D input and bias, a 2D key padding mask_index or none."""
+
+    def check(node: ir.Node) -> str | None:
+        if _rank(node.inputs[0]) != 3:
+            return "input not known to be 3D"
+        if not _present(node, _MS_BIAS):
+            return "no bias"
+        if _present(node, _MS_PAST) or _present(node, _MS_PAST_LENGTH):
+            return "past state"
+        if _present(node, _MS_ATTENTION_BIAS):
+            return "attention_bias"
+        if node.attributes.get_int("do_rotary", 0):
+            return "do_rotary"
+        sizes = node.attributes.get_ints("qkv_hidden_sizes", None)
+        if sizes is not None and (len(sizes) != 3 or len(set(sizes)) != 1):
+            return "qkv_hidden_sizes not all equal"
+        if bool(node.attributes.get_int("unidirectional", 0)) != causal:
+            return "unidirectional " + ("off" if causal else "on")
+        if not _present(node, _MS_MASK):
+            return "no mask_index" if mask else None
+        mask_index = node.inputs[_MS_MASK]
+        if _rank(mask_index) != 2:
+            return "mask_index not known to be 2D (a key padding mask)"
+        if mask_index.dtype != ir.DataType.INT32:
+            return "mask_index not int32"
+        return None if mask else "mask_index present"
+
+    return check
+
+
+@register("com.microsoft", "Attention", applies=_packed_attention_applies(False, causal=False))
+@script()
+def packed_attention(
+    input,
+    weights,
+    bias,
+    mask_index,
+    past,
+    attention_bias,
+    past_sequence_length,
+    num_heads: int,
+    scale: float = 0.0,
+):
+    """softmax(scale * Q @ K^T) @ V per head, with Q, K, V = split(input @ weights + bias)."""
+    heads = op.Unsqueeze(op.Constant(value_int=num_heads), op.Constant(value_ints=[0]))
+    split = op.Concat(
+        op.Constant(value_ints=[0, 0, 3]), heads, op.Constant(value_ints=[-1]), axis=0
+    )
+    qkv = op.Reshape(op.MatMul(input, weights) + bias, split)  # [batch, seq, 3, heads, size]
+    q = op.Transpose(op.Gather(qkv, op.Constant(value_int=0), axis=2), perm=[0, 2, 1, 3])
+    k = op.Transpose(op.Gather(qkv, op.Constant(value_int=1), axis=2), perm=[0, 2, 3, 1])
+    v = op.Transpose(op.Gather(qkv, op.Constant(value_int=2), axis=2), perm=[0, 2, 1, 3])
+    given = op.CastLike(op.Constant(value_float=scale), input)
+    size = op.CastLike(op.Shape(q), input)[3]
+    zero = op.CastLike(0.0, input)
+    factor = op.Where(op.Equal(given, zero), op.Reciprocal(op.Sqrt(size)), given)
+    y = op.MatMul(op.Softmax(op.MatMul(q * factor, k), axis=-1), v)
+    return op.Reshape(op.Transpose(y, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
+
+
+@register("com.microsoft", "Attention", applies=_packed_attention_applies(True, causal=False))
+@script()
+def packed_attention_mask(
+    input,
+    weights,
+    bias,
+    mask_index,
+    past,
+    attention_bias,
+    past_sequence_length,
+    num_heads: int,
+    scale: float = 0.0,
+    mask_filter_value: float = -10000.0,
+):
+    """Packed QKV attention, mask_filter_value added where the 2D mask_index is not > 0."""
+    heads = op.Unsqueeze(op.Constant(value_int=num_heads), op.Constant(value_ints=[0]))
+    split = op.Concat(
+        op.Constant(value_ints=[0, 0, 3]), heads, op.Constant(value_ints=[-1]), axis=0
+    )
+    qkv = op.Reshape(op.MatMul(input, weights) + bias, split)
+    q = op.Transpose(op.Gather(qkv, op.Constant(value_int=0), axis=2), perm=[0, 2, 1, 3])
+    k = op.Transpose(op.Gather(qkv, op.Constant(value_int=1), axis=2), perm=[0, 2, 3, 1])
+    v = op.Transpose(op.Gather(qkv, op.Constant(value_int=2), axis=2), perm=[0, 2, 1, 3])
+    given = op.CastLike(op.Constant(value_float=scale), input)
+    size = op.CastLike(op.Shape(q), input)[3]
+    zero = op.CastLike(0.0, input)
+    factor = op.Where(op.Equal(given, zero), op.Reciprocal(op.Sqrt(size)), given)
+    kept = op.Greater(mask_index, op.CastLike(0, mask_index))
+    filler = op.CastLike(op.Constant(value_float=mask_filter_value), input)
+    padding = op.Unsqueeze(op.Where(kept, zero, filler), op.Constant(value_ints=[1, 2]))
+    y = op.MatMul(op.Softmax(op.MatMul(q * factor, k) + padding, axis=-1), v)
+    return op.Reshape(op.Transpose(y, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
+
+
+@register("com.microsoft", "Attention", applies=_packed_attention_applies(False, causal=True))
+@script()
+def packed_attention_causal(
+    input,
+    weights,
+    bias,
+    mask_index,
+    past,
+    attention_bias,
+    past_sequence_length,
+    num_heads: int,
+    scale: float = 0.0,
+):
+    """Packed QKV attention, -inf where key > query."""
+    heads = op.Unsqueeze(op.Constant(value_int=num_heads), op.Constant(value_ints=[0]))
+    split = op.Concat(
+        op.Constant(value_ints=[0, 0, 3]), heads, op.Constant(value_ints=[-1]), axis=0
+    )
+    qkv = op.Reshape(op.MatMul(input, weights) + bias, split)
+    q = op.Transpose(op.Gather(qkv, op.Constant(value_int=0), axis=2), perm=[0, 2, 1, 3])
+    k = op.Transpose(op.Gather(qkv, op.Constant(value_int=1), axis=2), perm=[0, 2, 3, 1])
+    v = op.Transpose(op.Gather(qkv, op.Constant(value_int=2), axis=2), perm=[0, 2, 1, 3])
+    given = op.CastLike(op.Constant(value_float=scale), input)
+    size = op.CastLike(op.Shape(q), input)[3]
+    zero = op.CastLike(0.0, input)
+    factor = op.Where(op.Equal(given, zero), op.Reciprocal(op.Sqrt(size)), given)
+    one = op.Constant(value_int=1)
+    positions = op.Range(0, op.Shape(input)[1], one)
+    future = op.Greater(positions, op.Unsqueeze(positions, op.Constant(value_ints=[1])))
+    causal = op.Where(future, op.CastLike(NEG_INF, input), zero)
+    y = op.MatMul(op.Softmax(op.MatMul(q * factor, k) + causal, axis=-1), v)
+    return op.Reshape(op.Transpose(y, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
+
+
+@register("com.microsoft", "Attention", applies=_packed_attention_applies(True, causal=True))
+@script()
+def packed_attention_mask_causal(
+    input,
+    weights,
+    bias,
+    mask_index,
+    past,
+    attention_bias,
+    past_sequence_length,
+    num_heads: int,
+    scale: float = 0.0,
+    mask_filter_value: float = -10000.0,
+):
+    """Packed QKV attention, -inf where key > query, else mask_filter_value where masked."""
+    heads = op.Unsqueeze(op.Constant(value_int=num_heads), op.Constant(value_ints=[0]))
+    split = op.Concat(
+        op.Constant(value_ints=[0, 0, 3]), heads, op.Constant(value_ints=[-1]), axis=0
+    )
+    qkv = op.Reshape(op.MatMul(input, weights) + bias, split)
+    q = op.Transpose(op.Gather(qkv, op.Constant(value_int=0), axis=2), perm=[0, 2, 1, 3])
+    k = op.Transpose(op.Gather(qkv, op.Constant(value_int=1), axis=2), perm=[0, 2, 3, 1])
+    v = op.Transpose(op.Gather(qkv, op.Constant(value_int=2), axis=2), perm=[0, 2, 1, 3])
+    given = op.CastLike(op.Constant(value_float=scale), input)
+    size = op.CastLike(op.Shape(q), input)[3]
+    zero = op.CastLike(0.0, input)
+    factor = op.Where(op.Equal(given, zero), op.Reciprocal(op.Sqrt(size)), given)
+    kept = op.Greater(mask_index, op.CastLike(0, mask_index))
+    filler = op.CastLike(op.Constant(value_float=mask_filter_value), input)
+    padding = op.Unsqueeze(op.Where(kept, zero, filler), op.Constant(value_ints=[1, 2]))
+    one = op.Constant(value_int=1)
+    positions = op.Range(0, op.Shape(input)[1], one)
+    future = op.Greater(positions, op.Unsqueeze(positions, op.Constant(value_ints=[1])))
+    bias_ = op.Where(future, op.CastLike(NEG_INF, input), padding)  # [batch, 1, seq, seq]
+    y = op.MatMul(op.Softmax(op.MatMul(q * factor, k) + bias_, axis=-1), v)
     return op.Reshape(op.Transpose(y, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
