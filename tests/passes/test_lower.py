@@ -157,3 +157,12 @@ def test_4bit_weights_become_fp32_weights_for_targets_without_contrib_ops(rng) -
     np.testing.assert_allclose(run(lowered, feeds)["y"], expected["y"], atol=1e-4, rtol=1e-3)
     capped = Pipeline([LowerPass(target="onnx-17", max_folded_elements=1000)]).run(model)[0]
     assert "MatMul" in op_types(capped) and len(op_types(capped)) > 1  # unpacked at run time
+
+
+@pytest.mark.parametrize("target", ["onnx-13", "onnx-17", "onnx-21", "onnx-23"])
+def test_shipped_encoder_runs_on_every_standard_profile(target: str) -> None:
+    golden = GoldenSet.load(WHISPER_GOLDEN)
+    model, report = Pipeline(f"lower(target={target})", golden=golden).run(load(WHISPER))
+    assert report.ok and unsupported(model, load_target(target)) == []
+    for feeds, expected in zip(golden.inputs, golden.outputs, strict=True):
+        np.testing.assert_allclose(run(model, feeds)["hidden"], expected["hidden"], atol=1e-4)
