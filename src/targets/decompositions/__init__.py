@@ -44,7 +44,13 @@ class Decomposition:
 
     @functools.cached_property
     def function_proto(self) -> onnx.FunctionProto:
-        return self.function.to_function_proto()
+        return _in_our_domain(self.function.to_function_proto())
+
+    @functools.cached_property
+    def helper_protos(self) -> tuple[onnx.FunctionProto, ...]:
+        """The onnxscript functions the body calls, moved into our domain as ``helper.<name>``."""
+        called = self.function.function_ir.get_called_functions().values()
+        return tuple(_in_our_domain(f.to_function_proto(), helper=True) for f in called)
 
     @property
     def function_name(self) -> str:
@@ -59,8 +65,11 @@ class Decomposition:
 
     @functools.cached_property
     def produces(self) -> frozenset[tuple[str, str]]:
-        """The (domain, op_type) pairs the body uses."""
-        return frozenset((n.domain, n.op_type) for n in self.function_proto.node)
+        """The (domain, op_type) pairs the body uses, helpers' bodies included."""
+        bodies = (self.function_proto, *self.helper_protos)
+        return frozenset(
+            (n.domain, n.op_type) for f in bodies for n in f.node if n.domain != DOMAIN
+        )
 
     def reason_not_applicable(self, node: ir.Node, opset: int) -> str | None:
         if opset < self.min_opset:
@@ -123,6 +132,10 @@ def replace(model: ir.Model, node: ir.Node, decomposition: Decomposition) -> Non
     if function is None:
         function = decomposition.new_ir_function()
         model.functions[function.identifier()] = function
+    for proto in decomposition.helper_protos:
+        if (DOMAIN, proto.name, "") not in model.functions:
+            helper = ir.serde.deserialize_function(proto)
+            model.functions[helper.identifier()] = helper
     model.opset_imports.setdefault(DOMAIN, 1)
     declared = set(function.attributes)
     attributes = [a for a in node.attributes.values() if a.name in declared]
@@ -143,6 +156,22 @@ def replace(model: ir.Model, node: ir.Node, decomposition: Decomposition) -> Non
     ir.convenience.replace_nodes_and_values(
         node.graph, node, [node], [call], [old for old, _ in pairs], [new for _, new in pairs]
     )
+
+
+def _in_our_domain(proto: onnx.FunctionProto, helper: bool = False) -> onnx.FunctionProto:
+    """A copy whose calls to onnxscript's ``this`` domain point at our helper functions."""
+    proto = onnx.FunctionProto.FromString(proto.SerializeToString())
+    if helper:
+        proto.domain, proto.name = DOMAIN, f"helper.{proto.name}"
+    for node in proto.node:
+        if node.domain == "this":
+            node.domain, node.op_type = DOMAIN, f"helper.{node.op_type}"
+    kept = [o for o in proto.opset_import if o.domain != "this"]
+    del proto.opset_import[:]
+    proto.opset_import.extend(kept)
+    if any(n.domain == DOMAIN for n in proto.node):
+        proto.opset_import.add(domain=DOMAIN, version=1)
+    return proto
 
 
 def inline_calls(model: ir.Model) -> None:

@@ -32,6 +32,68 @@ NEG_INF = float("-inf")
 _MASK, _PAST_KEY, _PAST_VALUE, _NONPAD = 3, 4, 5, 6
 
 
+@script(default_opset=op)
+def _scores(Q, K, scale: float):
+    """scale * Q @ K^T on [batch, heads, seq, head_size]; scale 0 means 1/sqrt(head_size)."""
+    given = op.CastLike(op.Constant(value_float=scale), Q)
+    size = op.CastLike(op.Shape(Q), Q)[3]
+    factor = op.Where(op.Equal(given, op.CastLike(0.0, Q)), op.Reciprocal(op.Sqrt(size)), given)
+    return op.MatMul(Q * factor, op.Transpose(K, perm=[0, 1, 3, 2]))
+
+
+@script(default_opset=op)
+def _future(Q, K):
+    """True where the key comes after the query (top-left aligned): [q_seq, kv_seq]."""
+    one = op.Constant(value_int=1)
+    rows = op.Unsqueeze(op.Range(0, op.Shape(Q)[2], one), op.Constant(value_ints=[1]))
+    return op.Greater(op.Range(0, op.Shape(K)[2], one), rows)
+
+
+@script(default_opset=op)
+def _heads(X, num_heads: int):
+    """[batch, seq, heads * size] -> [batch, heads, seq, size]."""
+    heads = op.Unsqueeze(op.Constant(value_int=num_heads), op.Constant(value_ints=[0]))
+    split = op.Concat(op.Constant(value_ints=[0, 0]), heads, op.Constant(value_ints=[-1]), axis=0)
+    return op.Transpose(op.Reshape(X, split), perm=[0, 2, 1, 3])
+
+
+@script(default_opset=op)
+def _merge_heads(Y):
+    """[batch, heads, seq, size] -> [batch, seq, heads * size]."""
+    return op.Reshape(op.Transpose(Y, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
+
+
+@script(default_opset=op)
+def _packed_qkv(input, weights, bias, num_heads: int):
+    """input @ weights + bias, split into Q, K, V of [batch, heads, seq, size]."""
+    heads = op.Unsqueeze(op.Constant(value_int=num_heads), op.Constant(value_ints=[0]))
+    split = op.Concat(
+        op.Constant(value_ints=[0, 0, 3]), heads, op.Constant(value_ints=[-1]), axis=0
+    )
+    qkv = op.Reshape(op.MatMul(input, weights) + bias, split)  # [batch, seq, 3, heads, size]
+    q = op.Transpose(op.Gather(qkv, op.Constant(value_int=0), axis=2), perm=[0, 2, 1, 3])
+    k = op.Transpose(op.Gather(qkv, op.Constant(value_int=1), axis=2), perm=[0, 2, 1, 3])
+    v = op.Transpose(op.Gather(qkv, op.Constant(value_int=2), axis=2), perm=[0, 2, 1, 3])
+    return q, k, v
+
+
+@script(default_opset=op)
+def _padding(mask_index, like, mask_filter_value: float):
+    """ORT's key padding: 0 where mask_index > 0, else mask_filter_value: [batch, 1, 1, kv]."""
+    kept = op.Greater(mask_index, op.CastLike(0, mask_index))
+    filler = op.CastLike(op.Constant(value_float=mask_filter_value), like)
+    padded = op.Where(kept, op.CastLike(0.0, like), filler)
+    return op.Unsqueeze(padded, op.Constant(value_ints=[1, 2]))
+
+
+@script(default_opset=op)
+def _attend(scores, V):
+    """softmax(scores) @ V, rows masked entirely giving 0 rather than NaN."""
+    probs = op.Softmax(scores, axis=-1)
+    probs = op.Where(op.IsNaN(probs), op.CastLike(0.0, V), probs)
+    return op.MatMul(probs, V)
+
+
 def _present(node: ir.Node, index: int) -> bool:
     return len(node.inputs) > index and node.inputs[index] is not None
 
@@ -79,181 +141,108 @@ def _attention_applies(rank: int, mask: str, causal: bool) -> Callable[[ir.Node]
 
 
 @register("", "Attention", applies=_attention_applies(4, "none", causal=False))
-@script()
+@script(default_opset=op)
 def attention(Q, K, V, attn_mask, past_key, past_value, nonpad_kv_seqlen, scale: float = 0.0):
     """softmax(scale * Q @ K^T) @ V on [batch, heads, seq, head_size]."""
-    given = op.CastLike(op.Constant(value_float=scale), Q)
-    size = op.CastLike(op.Shape(Q), Q)[3]
-    factor = op.Where(op.Equal(given, op.CastLike(0.0, Q)), op.Reciprocal(op.Sqrt(size)), given)
-    scores = op.MatMul(Q * factor, op.Transpose(K, perm=[0, 1, 3, 2]))
-    return op.MatMul(op.Softmax(scores, axis=-1), V)
+    return op.MatMul(op.Softmax(_scores(Q, K, scale=scale), axis=-1), V)
 
 
 @register("", "Attention", applies=_attention_applies(4, "none", causal=True))
-@script()
+@script(default_opset=op)
 def attention_causal(
     Q, K, V, attn_mask, past_key, past_value, nonpad_kv_seqlen, scale: float = 0.0
 ):
     """softmax(scale * Q @ K^T + causal) @ V, causal = -inf where key > query."""
-    given = op.CastLike(op.Constant(value_float=scale), Q)
-    size = op.CastLike(op.Shape(Q), Q)[3]
-    factor = op.Where(op.Equal(given, op.CastLike(0.0, Q)), op.Reciprocal(op.Sqrt(size)), given)
-    scores = op.MatMul(Q * factor, op.Transpose(K, perm=[0, 1, 3, 2]))
-    one = op.Constant(value_int=1)
-    rows = op.Unsqueeze(op.Range(0, op.Shape(Q)[2], one), op.Constant(value_ints=[1]))
-    future = op.Greater(op.Range(0, op.Shape(K)[2], one), rows)
-    causal = op.Where(future, op.CastLike(NEG_INF, Q), op.CastLike(0.0, Q))
-    return op.MatMul(op.Softmax(scores + causal, axis=-1), V)
+    causal = op.Where(_future(Q, K), op.CastLike(NEG_INF, Q), op.CastLike(0.0, Q))
+    return op.MatMul(op.Softmax(_scores(Q, K, scale=scale) + causal, axis=-1), V)
 
 
 @register("", "Attention", applies=_attention_applies(4, "float", causal=False))
-@script()
+@script(default_opset=op)
 def attention_float_mask(
     Q, K, V, attn_mask, past_key, past_value, nonpad_kv_seqlen, scale: float = 0.0
 ):
     """softmax(scale * Q @ K^T + attn_mask) @ V, masked rows 0."""
-    given = op.CastLike(op.Constant(value_float=scale), Q)
-    size = op.CastLike(op.Shape(Q), Q)[3]
-    factor = op.Where(op.Equal(given, op.CastLike(0.0, Q)), op.Reciprocal(op.Sqrt(size)), given)
-    scores = op.MatMul(Q * factor, op.Transpose(K, perm=[0, 1, 3, 2]))
-    probs = op.Softmax(scores + attn_mask, axis=-1)
-    probs = op.Where(op.IsNaN(probs), op.CastLike(0.0, Q), probs)
-    return op.MatMul(probs, V)
+    return _attend(_scores(Q, K, scale=scale) + attn_mask, V)
 
 
 @register("", "Attention", applies=_attention_applies(4, "float", causal=True))
-@script()
+@script(default_opset=op)
 def attention_float_mask_causal(
     Q, K, V, attn_mask, past_key, past_value, nonpad_kv_seqlen, scale: float = 0.0
 ):
     """softmax(scale * Q @ K^T + attn_mask + causal) @ V, masked rows 0."""
-    given = op.CastLike(op.Constant(value_float=scale), Q)
-    size = op.CastLike(op.Shape(Q), Q)[3]
-    factor = op.Where(op.Equal(given, op.CastLike(0.0, Q)), op.Reciprocal(op.Sqrt(size)), given)
-    scores = op.MatMul(Q * factor, op.Transpose(K, perm=[0, 1, 3, 2]))
-    one = op.Constant(value_int=1)
-    rows = op.Unsqueeze(op.Range(0, op.Shape(Q)[2], one), op.Constant(value_ints=[1]))
-    future = op.Greater(op.Range(0, op.Shape(K)[2], one), rows)
-    causal = op.Where(future, op.CastLike(NEG_INF, Q), op.CastLike(0.0, Q))
-    probs = op.Softmax(scores + (attn_mask + causal), axis=-1)
-    probs = op.Where(op.IsNaN(probs), op.CastLike(0.0, Q), probs)
-    return op.MatMul(probs, V)
+    causal = op.Where(_future(Q, K), op.CastLike(NEG_INF, Q), op.CastLike(0.0, Q))
+    return _attend(_scores(Q, K, scale=scale) + (attn_mask + causal), V)
 
 
 @register("", "Attention", applies=_attention_applies(4, "bool", causal=False))
-@script()
+@script(default_opset=op)
 def attention_bool_mask(
     Q, K, V, attn_mask, past_key, past_value, nonpad_kv_seqlen, scale: float = 0.0
 ):
     """softmax(scale * Q @ K^T + Where(attn_mask, 0, -inf)) @ V, masked rows 0."""
-    given = op.CastLike(op.Constant(value_float=scale), Q)
-    size = op.CastLike(op.Shape(Q), Q)[3]
-    factor = op.Where(op.Equal(given, op.CastLike(0.0, Q)), op.Reciprocal(op.Sqrt(size)), given)
-    scores = op.MatMul(Q * factor, op.Transpose(K, perm=[0, 1, 3, 2]))
     bias = op.Where(attn_mask, op.CastLike(0.0, Q), op.CastLike(NEG_INF, Q))
-    probs = op.Softmax(scores + bias, axis=-1)
-    probs = op.Where(op.IsNaN(probs), op.CastLike(0.0, Q), probs)
-    return op.MatMul(probs, V)
+    return _attend(_scores(Q, K, scale=scale) + bias, V)
 
 
 @register("", "Attention", applies=_attention_applies(4, "bool", causal=True))
-@script()
+@script(default_opset=op)
 def attention_bool_mask_causal(
     Q, K, V, attn_mask, past_key, past_value, nonpad_kv_seqlen, scale: float = 0.0
 ):
     """softmax(scale * Q @ K^T + Where(attn_mask and key <= query, 0, -inf)) @ V."""
-    given = op.CastLike(op.Constant(value_float=scale), Q)
-    size = op.CastLike(op.Shape(Q), Q)[3]
-    factor = op.Where(op.Equal(given, op.CastLike(0.0, Q)), op.Reciprocal(op.Sqrt(size)), given)
-    scores = op.MatMul(Q * factor, op.Transpose(K, perm=[0, 1, 3, 2]))
-    one = op.Constant(value_int=1)
-    rows = op.Unsqueeze(op.Range(0, op.Shape(Q)[2], one), op.Constant(value_ints=[1]))
-    past = op.Not(op.Greater(op.Range(0, op.Shape(K)[2], one), rows))
-    bias = op.Where(op.And(attn_mask, past), op.CastLike(0.0, Q), op.CastLike(NEG_INF, Q))
-    probs = op.Softmax(scores + bias, axis=-1)
-    probs = op.Where(op.IsNaN(probs), op.CastLike(0.0, Q), probs)
-    return op.MatMul(probs, V)
+    kept = op.And(attn_mask, op.Not(_future(Q, K)))
+    bias = op.Where(kept, op.CastLike(0.0, Q), op.CastLike(NEG_INF, Q))
+    return _attend(_scores(Q, K, scale=scale) + bias, V)
 
 
 @register("", "Attention", applies=_attention_applies(3, "none", causal=False))
-@script()
+@script(default_opset=op)
 def attention_3d(
     Q, K, V, attn_mask, past_key, past_value, nonpad_kv_seqlen, q_num_heads: int, scale: float = 0.0
 ):
     """Attention on [batch, seq, heads * head_size]: split heads, attend, merge heads."""
-    heads = op.Unsqueeze(op.Constant(value_int=q_num_heads), op.Constant(value_ints=[0]))
-    split = op.Concat(op.Constant(value_ints=[0, 0]), heads, op.Constant(value_ints=[-1]), axis=0)
-    q = op.Transpose(op.Reshape(Q, split), perm=[0, 2, 1, 3])
-    k = op.Transpose(op.Reshape(K, split), perm=[0, 2, 3, 1])  # [batch, heads, size, kv]
-    v = op.Transpose(op.Reshape(V, split), perm=[0, 2, 1, 3])
-    given = op.CastLike(op.Constant(value_float=scale), Q)
-    size = op.CastLike(op.Shape(q), Q)[3]
-    factor = op.Where(op.Equal(given, op.CastLike(0.0, Q)), op.Reciprocal(op.Sqrt(size)), given)
-    y = op.MatMul(op.Softmax(op.MatMul(q * factor, k), axis=-1), v)
-    return op.Reshape(op.Transpose(y, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
+    q, k = _heads(Q, num_heads=q_num_heads), _heads(K, num_heads=q_num_heads)
+    scores = _scores(q, k, scale=scale)
+    y = op.MatMul(op.Softmax(scores, axis=-1), _heads(V, num_heads=q_num_heads))
+    return _merge_heads(y)
 
 
 @register("", "Attention", applies=_attention_applies(3, "none", causal=True))
-@script()
+@script(default_opset=op)
 def attention_3d_causal(
     Q, K, V, attn_mask, past_key, past_value, nonpad_kv_seqlen, q_num_heads: int, scale: float = 0.0
 ):
     """Causal attention on [batch, seq, heads * head_size]."""
-    heads = op.Unsqueeze(op.Constant(value_int=q_num_heads), op.Constant(value_ints=[0]))
-    split = op.Concat(op.Constant(value_ints=[0, 0]), heads, op.Constant(value_ints=[-1]), axis=0)
-    q = op.Transpose(op.Reshape(Q, split), perm=[0, 2, 1, 3])
-    k = op.Transpose(op.Reshape(K, split), perm=[0, 2, 3, 1])
-    v = op.Transpose(op.Reshape(V, split), perm=[0, 2, 1, 3])
-    given = op.CastLike(op.Constant(value_float=scale), Q)
-    size = op.CastLike(op.Shape(q), Q)[3]
-    factor = op.Where(op.Equal(given, op.CastLike(0.0, Q)), op.Reciprocal(op.Sqrt(size)), given)
-    one = op.Constant(value_int=1)
-    rows = op.Unsqueeze(op.Range(0, op.Shape(Q)[1], one), op.Constant(value_ints=[1]))
-    future = op.Greater(op.Range(0, op.Shape(K)[1], one), rows)
-    causal = op.Where(future, op.CastLike(NEG_INF, Q), op.CastLike(0.0, Q))
-    y = op.MatMul(op.Softmax(op.MatMul(q * factor, k) + causal, axis=-1), v)
-    return op.Reshape(op.Transpose(y, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
+    q, k = _heads(Q, num_heads=q_num_heads), _heads(K, num_heads=q_num_heads)
+    causal = op.Where(_future(q, k), op.CastLike(NEG_INF, Q), op.CastLike(0.0, Q))
+    scores = _scores(q, k, scale=scale) + causal
+    y = op.MatMul(op.Softmax(scores, axis=-1), _heads(V, num_heads=q_num_heads))
+    return _merge_heads(y)
 
 
 @register("", "Attention", applies=_attention_applies(3, "float", causal=False))
-@script()
+@script(default_opset=op)
 def attention_3d_float_mask(
     Q, K, V, attn_mask, past_key, past_value, nonpad_kv_seqlen, q_num_heads: int, scale: float = 0.0
 ):
     """Attention on [batch, seq, heads * head_size] with an additive mask, masked rows 0."""
-    heads = op.Unsqueeze(op.Constant(value_int=q_num_heads), op.Constant(value_ints=[0]))
-    split = op.Concat(op.Constant(value_ints=[0, 0]), heads, op.Constant(value_ints=[-1]), axis=0)
-    q = op.Transpose(op.Reshape(Q, split), perm=[0, 2, 1, 3])
-    k = op.Transpose(op.Reshape(K, split), perm=[0, 2, 3, 1])
-    v = op.Transpose(op.Reshape(V, split), perm=[0, 2, 1, 3])
-    given = op.CastLike(op.Constant(value_float=scale), Q)
-    size = op.CastLike(op.Shape(q), Q)[3]
-    factor = op.Where(op.Equal(given, op.CastLike(0.0, Q)), op.Reciprocal(op.Sqrt(size)), given)
-    probs = op.Softmax(op.MatMul(q * factor, k) + attn_mask, axis=-1)
-    probs = op.Where(op.IsNaN(probs), op.CastLike(0.0, Q), probs)
-    y = op.MatMul(probs, v)
-    return op.Reshape(op.Transpose(y, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
+    q, k = _heads(Q, num_heads=q_num_heads), _heads(K, num_heads=q_num_heads)
+    scores = _scores(q, k, scale=scale) + attn_mask
+    return _merge_heads(_attend(scores, _heads(V, num_heads=q_num_heads)))
 
 
 @register("", "Attention", applies=_attention_applies(3, "bool", causal=False))
-@script()
+@script(default_opset=op)
 def attention_3d_bool_mask(
     Q, K, V, attn_mask, past_key, past_value, nonpad_kv_seqlen, q_num_heads: int, scale: float = 0.0
 ):
     """Attention on [batch, seq, heads * head_size] with a bool mask, masked rows 0."""
-    heads = op.Unsqueeze(op.Constant(value_int=q_num_heads), op.Constant(value_ints=[0]))
-    split = op.Concat(op.Constant(value_ints=[0, 0]), heads, op.Constant(value_ints=[-1]), axis=0)
-    q = op.Transpose(op.Reshape(Q, split), perm=[0, 2, 1, 3])
-    k = op.Transpose(op.Reshape(K, split), perm=[0, 2, 3, 1])
-    v = op.Transpose(op.Reshape(V, split), perm=[0, 2, 1, 3])
-    given = op.CastLike(op.Constant(value_float=scale), Q)
-    size = op.CastLike(op.Shape(q), Q)[3]
-    factor = op.Where(op.Equal(given, op.CastLike(0.0, Q)), op.Reciprocal(op.Sqrt(size)), given)
+    q, k = _heads(Q, num_heads=q_num_heads), _heads(K, num_heads=q_num_heads)
     bias = op.Where(attn_mask, op.CastLike(0.0, Q), op.CastLike(NEG_INF, Q))
-    probs = op.Softmax(op.MatMul(q * factor, k) + bias, axis=-1)
-    probs = op.Where(op.IsNaN(probs), op.CastLike(0.0, Q), probs)
-    y = op.MatMul(probs, v)
-    return op.Reshape(op.Transpose(y, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
+    scores = _scores(q, k, scale=scale) + bias
+    return _merge_heads(_attend(scores, _heads(V, num_heads=q_num_heads)))
 
 
 def _mha_applies(attention_bias: bool) -> Callable[[ir.Node], str | None]:
@@ -276,7 +265,7 @@ def _mha_applies(attention_bias: bool) -> Callable[[ir.Node], str | None]:
 
 
 @register("com.microsoft", "MultiHeadAttention", applies=_mha_applies(attention_bias=False))
-@script()
+@script(default_opset=op)
 def multi_head_attention(
     query,
     key,
@@ -292,21 +281,13 @@ def multi_head_attention(
     scale: float = 0.0,
 ):
     """softmax(scale * Q @ K^T) @ V per head on [batch, seq, heads * head_size]."""
-    heads = op.Unsqueeze(op.Constant(value_int=num_heads), op.Constant(value_ints=[0]))
-    split = op.Concat(op.Constant(value_ints=[0, 0]), heads, op.Constant(value_ints=[-1]), axis=0)
-    q = op.Transpose(op.Reshape(query, split), perm=[0, 2, 1, 3])
-    k = op.Transpose(op.Reshape(key, split), perm=[0, 2, 3, 1])
-    v = op.Transpose(op.Reshape(value, split), perm=[0, 2, 1, 3])
-    given = op.CastLike(op.Constant(value_float=scale), query)
-    size = op.CastLike(op.Shape(q), query)[3]
-    zero = op.CastLike(0.0, query)
-    factor = op.Where(op.Equal(given, zero), op.Reciprocal(op.Sqrt(size)), given)
-    y = op.MatMul(op.Softmax(op.MatMul(q * factor, k), axis=-1), v)
-    return op.Reshape(op.Transpose(y, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
+    q, k = _heads(query, num_heads=num_heads), _heads(key, num_heads=num_heads)
+    scores = _scores(q, k, scale=scale)
+    return _merge_heads(op.MatMul(op.Softmax(scores, axis=-1), _heads(value, num_heads=num_heads)))
 
 
 @register("com.microsoft", "MultiHeadAttention", applies=_mha_applies(attention_bias=True))
-@script()
+@script(default_opset=op)
 def multi_head_attention_bias(
     query,
     key,
@@ -322,18 +303,9 @@ def multi_head_attention_bias(
     scale: float = 0.0,
 ):
     """softmax(scale * Q @ K^T + attention_bias) @ V per head on [batch, seq, heads * size]."""
-    heads = op.Unsqueeze(op.Constant(value_int=num_heads), op.Constant(value_ints=[0]))
-    split = op.Concat(op.Constant(value_ints=[0, 0]), heads, op.Constant(value_ints=[-1]), axis=0)
-    q = op.Transpose(op.Reshape(query, split), perm=[0, 2, 1, 3])
-    k = op.Transpose(op.Reshape(key, split), perm=[0, 2, 3, 1])
-    v = op.Transpose(op.Reshape(value, split), perm=[0, 2, 1, 3])
-    given = op.CastLike(op.Constant(value_float=scale), query)
-    size = op.CastLike(op.Shape(q), query)[3]
-    zero = op.CastLike(0.0, query)
-    factor = op.Where(op.Equal(given, zero), op.Reciprocal(op.Sqrt(size)), given)
-    scores = op.MatMul(q * factor, k) + attention_bias
-    y = op.MatMul(op.Softmax(scores, axis=-1), v)
-    return op.Reshape(op.Transpose(y, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
+    q, k = _heads(query, num_heads=num_heads), _heads(key, num_heads=num_heads)
+    scores = _scores(q, k, scale=scale) + attention_bias
+    return _merge_heads(op.MatMul(op.Softmax(scores, axis=-1), _heads(value, num_heads=num_heads)))
 
 
 _MS_BIAS, _MS_MASK, _MS_PAST, _MS_ATTENTION_BIAS, _MS_PAST_LENGTH = 2, 3, 4, 5, 6
@@ -371,7 +343,7 @@ def _packed_attention_applies(mask: bool, causal: bool) -> Callable[[ir.Node], s
 
 
 @register("com.microsoft", "Attention", applies=_packed_attention_applies(False, causal=False))
-@script()
+@script(default_opset=op)
 def packed_attention(
     input,
     weights,
@@ -384,24 +356,12 @@ def packed_attention(
     scale: float = 0.0,
 ):
     """softmax(scale * Q @ K^T) @ V per head, with Q, K, V = split(input @ weights + bias)."""
-    heads = op.Unsqueeze(op.Constant(value_int=num_heads), op.Constant(value_ints=[0]))
-    split = op.Concat(
-        op.Constant(value_ints=[0, 0, 3]), heads, op.Constant(value_ints=[-1]), axis=0
-    )
-    qkv = op.Reshape(op.MatMul(input, weights) + bias, split)  # [batch, seq, 3, heads, size]
-    q = op.Transpose(op.Gather(qkv, op.Constant(value_int=0), axis=2), perm=[0, 2, 1, 3])
-    k = op.Transpose(op.Gather(qkv, op.Constant(value_int=1), axis=2), perm=[0, 2, 3, 1])
-    v = op.Transpose(op.Gather(qkv, op.Constant(value_int=2), axis=2), perm=[0, 2, 1, 3])
-    given = op.CastLike(op.Constant(value_float=scale), input)
-    size = op.CastLike(op.Shape(q), input)[3]
-    zero = op.CastLike(0.0, input)
-    factor = op.Where(op.Equal(given, zero), op.Reciprocal(op.Sqrt(size)), given)
-    y = op.MatMul(op.Softmax(op.MatMul(q * factor, k), axis=-1), v)
-    return op.Reshape(op.Transpose(y, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
+    q, k, v = _packed_qkv(input, weights, bias, num_heads=num_heads)
+    return _merge_heads(op.MatMul(op.Softmax(_scores(q, k, scale=scale), axis=-1), v))
 
 
 @register("com.microsoft", "Attention", applies=_packed_attention_applies(True, causal=False))
-@script()
+@script(default_opset=op)
 def packed_attention_mask(
     input,
     weights,
@@ -415,27 +375,14 @@ def packed_attention_mask(
     mask_filter_value: float = -10000.0,
 ):
     """Packed QKV attention, mask_filter_value added where the 2D mask_index is not > 0."""
-    heads = op.Unsqueeze(op.Constant(value_int=num_heads), op.Constant(value_ints=[0]))
-    split = op.Concat(
-        op.Constant(value_ints=[0, 0, 3]), heads, op.Constant(value_ints=[-1]), axis=0
-    )
-    qkv = op.Reshape(op.MatMul(input, weights) + bias, split)
-    q = op.Transpose(op.Gather(qkv, op.Constant(value_int=0), axis=2), perm=[0, 2, 1, 3])
-    k = op.Transpose(op.Gather(qkv, op.Constant(value_int=1), axis=2), perm=[0, 2, 3, 1])
-    v = op.Transpose(op.Gather(qkv, op.Constant(value_int=2), axis=2), perm=[0, 2, 1, 3])
-    given = op.CastLike(op.Constant(value_float=scale), input)
-    size = op.CastLike(op.Shape(q), input)[3]
-    zero = op.CastLike(0.0, input)
-    factor = op.Where(op.Equal(given, zero), op.Reciprocal(op.Sqrt(size)), given)
-    kept = op.Greater(mask_index, op.CastLike(0, mask_index))
-    filler = op.CastLike(op.Constant(value_float=mask_filter_value), input)
-    padding = op.Unsqueeze(op.Where(kept, zero, filler), op.Constant(value_ints=[1, 2]))
-    y = op.MatMul(op.Softmax(op.MatMul(q * factor, k) + padding, axis=-1), v)
-    return op.Reshape(op.Transpose(y, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
+    q, k, v = _packed_qkv(input, weights, bias, num_heads=num_heads)
+    padding = _padding(mask_index, input, mask_filter_value=mask_filter_value)
+    scores = _scores(q, k, scale=scale) + padding
+    return _merge_heads(op.MatMul(op.Softmax(scores, axis=-1), v))
 
 
 @register("com.microsoft", "Attention", applies=_packed_attention_applies(False, causal=True))
-@script()
+@script(default_opset=op)
 def packed_attention_causal(
     input,
     weights,
@@ -448,28 +395,14 @@ def packed_attention_causal(
     scale: float = 0.0,
 ):
     """Packed QKV attention, -inf where key > query."""
-    heads = op.Unsqueeze(op.Constant(value_int=num_heads), op.Constant(value_ints=[0]))
-    split = op.Concat(
-        op.Constant(value_ints=[0, 0, 3]), heads, op.Constant(value_ints=[-1]), axis=0
-    )
-    qkv = op.Reshape(op.MatMul(input, weights) + bias, split)
-    q = op.Transpose(op.Gather(qkv, op.Constant(value_int=0), axis=2), perm=[0, 2, 1, 3])
-    k = op.Transpose(op.Gather(qkv, op.Constant(value_int=1), axis=2), perm=[0, 2, 3, 1])
-    v = op.Transpose(op.Gather(qkv, op.Constant(value_int=2), axis=2), perm=[0, 2, 1, 3])
-    given = op.CastLike(op.Constant(value_float=scale), input)
-    size = op.CastLike(op.Shape(q), input)[3]
-    zero = op.CastLike(0.0, input)
-    factor = op.Where(op.Equal(given, zero), op.Reciprocal(op.Sqrt(size)), given)
-    one = op.Constant(value_int=1)
-    positions = op.Range(0, op.Shape(input)[1], one)
-    future = op.Greater(positions, op.Unsqueeze(positions, op.Constant(value_ints=[1])))
-    causal = op.Where(future, op.CastLike(NEG_INF, input), zero)
-    y = op.MatMul(op.Softmax(op.MatMul(q * factor, k) + causal, axis=-1), v)
-    return op.Reshape(op.Transpose(y, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
+    q, k, v = _packed_qkv(input, weights, bias, num_heads=num_heads)
+    causal = op.Where(_future(q, k), op.CastLike(NEG_INF, input), op.CastLike(0.0, input))
+    scores = _scores(q, k, scale=scale) + causal
+    return _merge_heads(op.MatMul(op.Softmax(scores, axis=-1), v))
 
 
 @register("com.microsoft", "Attention", applies=_packed_attention_applies(True, causal=True))
-@script()
+@script(default_opset=op)
 def packed_attention_mask_causal(
     input,
     weights,
@@ -483,24 +416,8 @@ def packed_attention_mask_causal(
     mask_filter_value: float = -10000.0,
 ):
     """Packed QKV attention, -inf where key > query, else mask_filter_value where masked."""
-    heads = op.Unsqueeze(op.Constant(value_int=num_heads), op.Constant(value_ints=[0]))
-    split = op.Concat(
-        op.Constant(value_ints=[0, 0, 3]), heads, op.Constant(value_ints=[-1]), axis=0
-    )
-    qkv = op.Reshape(op.MatMul(input, weights) + bias, split)
-    q = op.Transpose(op.Gather(qkv, op.Constant(value_int=0), axis=2), perm=[0, 2, 1, 3])
-    k = op.Transpose(op.Gather(qkv, op.Constant(value_int=1), axis=2), perm=[0, 2, 3, 1])
-    v = op.Transpose(op.Gather(qkv, op.Constant(value_int=2), axis=2), perm=[0, 2, 1, 3])
-    given = op.CastLike(op.Constant(value_float=scale), input)
-    size = op.CastLike(op.Shape(q), input)[3]
-    zero = op.CastLike(0.0, input)
-    factor = op.Where(op.Equal(given, zero), op.Reciprocal(op.Sqrt(size)), given)
-    kept = op.Greater(mask_index, op.CastLike(0, mask_index))
-    filler = op.CastLike(op.Constant(value_float=mask_filter_value), input)
-    padding = op.Unsqueeze(op.Where(kept, zero, filler), op.Constant(value_ints=[1, 2]))
-    one = op.Constant(value_int=1)
-    positions = op.Range(0, op.Shape(input)[1], one)
-    future = op.Greater(positions, op.Unsqueeze(positions, op.Constant(value_ints=[1])))
-    bias_ = op.Where(future, op.CastLike(NEG_INF, input), padding)  # [batch, 1, seq, seq]
-    y = op.MatMul(op.Softmax(op.MatMul(q * factor, k) + bias_, axis=-1), v)
-    return op.Reshape(op.Transpose(y, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
+    q, k, v = _packed_qkv(input, weights, bias, num_heads=num_heads)
+    padding = _padding(mask_index, input, mask_filter_value=mask_filter_value)
+    bias_ = op.Where(_future(q, k), op.CastLike(NEG_INF, input), padding)  # causal wins
+    scores = _scores(q, k, scale=scale) + bias_
+    return _merge_heads(op.MatMul(op.Softmax(scores, axis=-1), v))
