@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from onnxscript.version_converter import ConvertVersionPass
@@ -46,13 +47,16 @@ def _move_compatible_nodes(model: ir.Model, opset: int) -> str | None:
             continue
         if _is_reduce_with_axes_input(node, current, opset):
             problem = None if node.inputs[1].const_value is not None else "axes are not constant"
-            adapters.append(node)
+            adapters.append((node, _axes_input_to_attribute))
+        elif _is_shape_with_bounds(node, current, opset):
+            problem = None
+            adapters.append((node, _shape_bounds_to_slice))
         else:
             problem = _incompatibility(node, current, opset)
         if problem:
             return f"node '{node.name}' ({node.op_type}): {problem}"
-    for node in adapters:
-        _axes_input_to_attribute(node)
+    for node, adapt in adapters:
+        adapt(node)
     for node in model.graph.all_nodes():
         if node.domain in ("", "ai.onnx"):
             _drop_attributes_unknown_at(node, opset)
@@ -117,7 +121,7 @@ def _incompatibility(node: ir.Node, current: int, opset: int) -> str | None:
     extra = sorted(
         name
         for name in set(node.attributes) - set(old.attributes)
-        if not _is_default(node.attributes[name], new)
+        if not _is_default(node.attributes[name], new) and not _is_moot(node, name)
     )
     if extra:
         return f"uses attribute(s) {', '.join(extra)} that opset {opset} does not have"
@@ -127,6 +131,28 @@ def _incompatibility(node: ir.Node, current: int, opset: int) -> str | None:
     return None
 
 
+def _is_shape_with_bounds(node: ir.Node, current: int, opset: int) -> bool:
+    """Shape-15's start/end attributes, going below 15."""
+    bounded = "start" in node.attributes or "end" in node.attributes
+    return node.op_type == "Shape" and current >= 15 > opset and bounded
+
+
+def _shape_bounds_to_slice(node: ir.Node) -> None:
+    """Shape(x, start, end) -> Slice(Shape(x), [start], [end]) (Slice-13 clamps the bounds)."""
+    start = node.attributes.get_int("start", 0)
+    end = node.attributes.get_int("end", np.iinfo(np.int64).max)
+    bounds = [
+        ir.node("Constant", [], attributes={"value": ir.tensor(np.array([v], np.int64))})
+        for v in (start, end)
+    ]
+    shape = ir.node("Shape", [node.inputs[0]], name=f"{node.name}.full")
+    sliced = ir.node("Slice", [shape.outputs[0], bounds[0].outputs[0], bounds[1].outputs[0]])
+    sliced.name = node.name
+    ir.convenience.replace_nodes_and_values(
+        node.graph, node, [node], [*bounds, shape, sliced], [node.outputs[0]], [sliced.outputs[0]]
+    )
+
+
 def _is_default(attr: ir.Attr, schema: onnx.defs.OpSchema) -> bool:
     """Whether a node attribute holds the schema's default (the behaviour before it existed)."""
     declared = schema.attributes.get(attr.name)
@@ -134,6 +160,14 @@ def _is_default(attr: ir.Attr, schema: onnx.defs.OpSchema) -> bool:
         return False
     value = onnx.helper.get_attribute_value(ir.serde.serialize_attribute(attr))
     return value == onnx.helper.get_attribute_value(declared.default_value)
+
+
+def _is_moot(node: ir.Node, attribute: str) -> bool:
+    """Reshape's allowzero only matters when the constant target shape holds a 0."""
+    if node.op_type != "Reshape" or attribute != "allowzero":
+        return False
+    shape = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] else None
+    return shape is not None and 0 not in shape.numpy().tolist()
 
 
 def _drop_attributes_unknown_at(node: ir.Node, opset: int) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from conftest import FLOAT, assert_same_outputs, make_model, op_types, run
+from conftest import FLOAT, INT64, assert_same_outputs, make_model, op_types, run
 from onnx import helper
 
 from onnxopt.targets.opset import convert_opset
@@ -33,10 +33,12 @@ def test_down_conversion_where_onnx_has_no_adapter() -> None:
 
 
 def test_a_node_using_what_the_old_opset_lacks_is_named() -> None:
-    model = _shape_then_reduce(18, start=1)
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["y"], allowzero=1)]  # shape computed
+    inputs = {"x": (FLOAT, [2, 2]), "shape": (INT64, [2])}
+    model = make_model(nodes, inputs, {"y": (FLOAT, None)}, opset=17)
     problem = convert_opset(model, 13)
-    assert problem is not None and "Shape" in problem and "start" in problem
-    assert model.opset_imports[""] == 18
+    assert problem is not None and "Reshape" in problem and "allowzero" in problem
+    assert model.opset_imports[""] == 17
 
 
 def test_up_conversion() -> None:
@@ -60,4 +62,26 @@ def test_attribute_at_its_default_does_not_block_down_conversion() -> None:
     assert convert_opset(model, 13) is None
     assert "allowzero" not in model.graph.node(0).attributes
     assert_same_outputs(before, run(model, feeds))
-    assert "allowzero" in convert_opset(reshape(1), 13)
+
+
+def test_shape_bounds_become_a_slice_below_opset_15() -> None:
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"], start=1, end=3),
+        helper.make_node("Cast", ["s"], ["y"], to=FLOAT),
+    ]
+    model = make_model(nodes, {"x": (FLOAT, [2, 3, 4, 5])}, {"y": (FLOAT, [2])}, opset=17)
+    feeds = {"x": np.zeros((2, 3, 4, 5), np.float32)}
+    before = run(model, feeds)
+    assert convert_opset(model, 13) is None
+    assert op_types(model) == ["Constant", "Constant", "Shape", "Slice", "Cast"]
+    assert_same_outputs(before, run(model, feeds))
+
+
+def test_allowzero_is_moot_for_a_constant_shape_without_zeros() -> None:
+    node = helper.make_node("Reshape", ["x", "s"], ["y"], allowzero=1)
+    inits = {"s": np.array([4, -1], np.int64)}
+    model = make_model([node], {"x": (FLOAT, [2, 2])}, {"y": (FLOAT, [4, 1])}, inits, opset=17)
+    feeds = {"x": np.arange(4, dtype=np.float32).reshape(2, 2)}
+    before = run(model, feeds)
+    assert convert_opset(model, 13) is None
+    assert_same_outputs(before, run(model, feeds))
