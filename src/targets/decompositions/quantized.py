@@ -52,157 +52,118 @@ def _applies(zero_points: str, bias: bool) -> Callable[[ir.Node], str | None]:
     return check
 
 
+@script(default_opset=op)
+def _codes(packed, like, bits: int):
+    """The ``bits``-wide codes of uint8 ``packed``, low bits first, in like's type.
+
+    ``[..., bytes] -> [..., bytes, 8 / bits]``, each ``(x >> s) - ((x >> s + bits) << bits)``.
+    """
+    nbits = op.Constant(value_int=bits)
+    shifts = op.Cast(op.Range(op.Constant(value_int=0), op.Constant(value_int=8), nbits), to=2)
+    shifted = op.BitShift(
+        op.Unsqueeze(packed, op.Constant(value_ints=[-1])), shifts, direction="RIGHT"
+    )
+    high = op.BitShift(shifted, op.Cast(nbits, to=2), direction="RIGHT")
+    levels = op.CastLike(op.Pow(op.Constant(value_int=2), nbits), like)
+    return op.CastLike(shifted, like) - op.CastLike(high, like) * levels
+
+
+@script(default_opset=op)
+def _block_shape(B):
+    """[N, k_blocks, 1], the shape of one scale or zero point per block."""
+    blocks = op.Slice(op.Shape(B), op.Constant(value_ints=[0]), op.Constant(value_ints=[2]))
+    return op.Concat(blocks, op.Constant(value_ints=[1]), axis=0)
+
+
+@script(default_opset=op)
+def _default_zp(like, bits: int):
+    """2^(bits - 1), in like's type."""
+    nbits = op.Constant(value_int=bits)
+    return op.CastLike(op.Pow(op.Constant(value_int=2), nbits - op.Constant(value_int=1)), like)
+
+
+@script(default_opset=op)
+def _packed_zp(zero_points, B, like, bits: int):
+    """Zero points unpacked from uint8 like q: [N, zp_bytes] -> [N, k_blocks, 1]."""
+    shape_b = op.Shape(B)
+    rows = op.Slice(shape_b, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]))
+    n_blocks = op.Slice(shape_b, op.Constant(value_ints=[1]), op.Constant(value_ints=[2]))
+    last = op.Constant(value_ints=[-1])
+    zp_bytes = op.Reshape(zero_points, op.Concat(rows, last, axis=0))  # [N, zp_bytes]
+    zp_flat = op.Reshape(_codes(zp_bytes, like, bits=bits), op.Constant(value_ints=[0, -1]))
+    zp_flat = op.Slice(zp_flat, op.Constant(value_ints=[0]), n_blocks, op.Constant(value_ints=[1]))
+    return op.Unsqueeze(zp_flat, last)
+
+
+@script(default_opset=op)
+def _weight(B, scales, zp, like, K: int, bits: int):
+    """W^T, [K, N]: W[n, k] = (q[n, k] - zp[n, k // block_size]) * scale[n, k // block_size].
+
+    ``zp`` broadcasts to ``[N, k_blocks, 1]``; the padding past K in the last block is dropped.
+    """
+    q = op.Reshape(_codes(B, like, bits=bits), op.Constant(value_ints=[0, 0, -1]))
+    scale = op.Reshape(scales, _block_shape(B))  # q: [N, k_blocks, block_size]
+    weight = op.Reshape((q - zp) * scale, op.Constant(value_ints=[0, -1]))
+    k = op.Unsqueeze(op.Constant(value_int=K), op.Constant(value_ints=[0]))
+    weight = op.Slice(weight, op.Constant(value_ints=[0]), k, op.Constant(value_ints=[1]))
+    return op.Transpose(weight, perm=[1, 0])
+
+
 @register("com.microsoft", "MatMulNBits", applies=_applies("none", bias=False))
-@script()
+@script(default_opset=op)
 def matmul_nbits(
     A, B, scales, zero_points, g_idx, bias, K: int, N: int, block_size: int, bits: int = 4
 ):
     """A @ ((q - 2^(bits-1)) * scale)^T."""
-    nbits = op.Constant(value_int=bits)
-    shifts = op.Cast(op.Range(op.Constant(value_int=0), op.Constant(value_int=8), nbits), to=2)
-    shifted = op.BitShift(op.Unsqueeze(B, op.Constant(value_ints=[-1])), shifts, direction="RIGHT")
-    high = op.BitShift(shifted, op.Cast(nbits, to=2), direction="RIGHT")
-    levels = op.CastLike(op.Pow(op.Constant(value_int=2), nbits), A)
-    codes = op.CastLike(shifted, A) - op.CastLike(high, A) * levels  # [N, k_blocks, blob, 8/bits]
-    q = op.Reshape(codes, op.Constant(value_ints=[0, 0, -1]))  # [N, k_blocks, block_size]
-    blocks = op.Slice(op.Shape(B), op.Constant(value_ints=[0]), op.Constant(value_ints=[2]))
-    scale = op.Reshape(scales, op.Concat(blocks, op.Constant(value_ints=[1]), axis=0))
-    zp = op.CastLike(op.Pow(op.Constant(value_int=2), nbits - op.Constant(value_int=1)), A)
-    weight = op.Reshape((q - zp) * scale, op.Constant(value_ints=[0, -1]))
-    k = op.Unsqueeze(op.Constant(value_int=K), op.Constant(value_ints=[0]))
-    weight = op.Slice(weight, op.Constant(value_ints=[0]), k, op.Constant(value_ints=[1]))
-    return op.MatMul(A, op.Transpose(weight, perm=[1, 0]))
+    zp = _default_zp(A, bits=bits)
+    return op.MatMul(A, _weight(B, scales, zp, A, K=K, bits=bits))
 
 
 @register("com.microsoft", "MatMulNBits", applies=_applies("none", bias=True))
-@script()
+@script(default_opset=op)
 def matmul_nbits_bias(
     A, B, scales, zero_points, g_idx, bias, K: int, N: int, block_size: int, bits: int = 4
 ):
     """A @ ((q - 2^(bits-1)) * scale)^T + bias."""
-    nbits = op.Constant(value_int=bits)
-    shifts = op.Cast(op.Range(op.Constant(value_int=0), op.Constant(value_int=8), nbits), to=2)
-    shifted = op.BitShift(op.Unsqueeze(B, op.Constant(value_ints=[-1])), shifts, direction="RIGHT")
-    high = op.BitShift(shifted, op.Cast(nbits, to=2), direction="RIGHT")
-    levels = op.CastLike(op.Pow(op.Constant(value_int=2), nbits), A)
-    codes = op.CastLike(shifted, A) - op.CastLike(high, A) * levels
-    q = op.Reshape(codes, op.Constant(value_ints=[0, 0, -1]))
-    blocks = op.Slice(op.Shape(B), op.Constant(value_ints=[0]), op.Constant(value_ints=[2]))
-    scale = op.Reshape(scales, op.Concat(blocks, op.Constant(value_ints=[1]), axis=0))
-    zp = op.CastLike(op.Pow(op.Constant(value_int=2), nbits - op.Constant(value_int=1)), A)
-    weight = op.Reshape((q - zp) * scale, op.Constant(value_ints=[0, -1]))
-    k = op.Unsqueeze(op.Constant(value_int=K), op.Constant(value_ints=[0]))
-    weight = op.Slice(weight, op.Constant(value_ints=[0]), k, op.Constant(value_ints=[1]))
-    return op.MatMul(A, op.Transpose(weight, perm=[1, 0])) + bias
+    zp = _default_zp(A, bits=bits)
+    return op.MatMul(A, _weight(B, scales, zp, A, K=K, bits=bits)) + bias
 
 
 @register("com.microsoft", "MatMulNBits", applies=_applies("float", bias=False))
-@script()
+@script(default_opset=op)
 def matmul_nbits_float_zp(
     A, B, scales, zero_points, g_idx, bias, K: int, N: int, block_size: int, bits: int = 4
 ):
     """A @ ((q - zero_points) * scale)^T, zero points in A's type."""
-    nbits = op.Constant(value_int=bits)
-    shifts = op.Cast(op.Range(op.Constant(value_int=0), op.Constant(value_int=8), nbits), to=2)
-    shifted = op.BitShift(op.Unsqueeze(B, op.Constant(value_ints=[-1])), shifts, direction="RIGHT")
-    high = op.BitShift(shifted, op.Cast(nbits, to=2), direction="RIGHT")
-    levels = op.CastLike(op.Pow(op.Constant(value_int=2), nbits), A)
-    codes = op.CastLike(shifted, A) - op.CastLike(high, A) * levels
-    q = op.Reshape(codes, op.Constant(value_ints=[0, 0, -1]))
-    blocks = op.Slice(op.Shape(B), op.Constant(value_ints=[0]), op.Constant(value_ints=[2]))
-    block_shape = op.Concat(blocks, op.Constant(value_ints=[1]), axis=0)  # [N, k_blocks, 1]
-    scale = op.Reshape(scales, block_shape)
-    zp = op.Reshape(zero_points, block_shape)
-    weight = op.Reshape((q - zp) * scale, op.Constant(value_ints=[0, -1]))
-    k = op.Unsqueeze(op.Constant(value_int=K), op.Constant(value_ints=[0]))
-    weight = op.Slice(weight, op.Constant(value_ints=[0]), k, op.Constant(value_ints=[1]))
-    return op.MatMul(A, op.Transpose(weight, perm=[1, 0]))
+    zp = op.Reshape(zero_points, _block_shape(B))
+    return op.MatMul(A, _weight(B, scales, zp, A, K=K, bits=bits))
 
 
 @register("com.microsoft", "MatMulNBits", applies=_applies("float", bias=True))
-@script()
+@script(default_opset=op)
 def matmul_nbits_float_zp_bias(
     A, B, scales, zero_points, g_idx, bias, K: int, N: int, block_size: int, bits: int = 4
 ):
     """A @ ((q - zero_points) * scale)^T + bias, zero points in A's type."""
-    nbits = op.Constant(value_int=bits)
-    shifts = op.Cast(op.Range(op.Constant(value_int=0), op.Constant(value_int=8), nbits), to=2)
-    shifted = op.BitShift(op.Unsqueeze(B, op.Constant(value_ints=[-1])), shifts, direction="RIGHT")
-    high = op.BitShift(shifted, op.Cast(nbits, to=2), direction="RIGHT")
-    levels = op.CastLike(op.Pow(op.Constant(value_int=2), nbits), A)
-    codes = op.CastLike(shifted, A) - op.CastLike(high, A) * levels
-    q = op.Reshape(codes, op.Constant(value_ints=[0, 0, -1]))
-    blocks = op.Slice(op.Shape(B), op.Constant(value_ints=[0]), op.Constant(value_ints=[2]))
-    block_shape = op.Concat(blocks, op.Constant(value_ints=[1]), axis=0)
-    scale = op.Reshape(scales, block_shape)
-    zp = op.Reshape(zero_points, block_shape)
-    weight = op.Reshape((q - zp) * scale, op.Constant(value_ints=[0, -1]))
-    k = op.Unsqueeze(op.Constant(value_int=K), op.Constant(value_ints=[0]))
-    weight = op.Slice(weight, op.Constant(value_ints=[0]), k, op.Constant(value_ints=[1]))
-    return op.MatMul(A, op.Transpose(weight, perm=[1, 0])) + bias
+    zp = op.Reshape(zero_points, _block_shape(B))
+    return op.MatMul(A, _weight(B, scales, zp, A, K=K, bits=bits)) + bias
 
 
 @register("com.microsoft", "MatMulNBits", applies=_applies("packed", bias=False))
-@script()
+@script(default_opset=op)
 def matmul_nbits_packed_zp(
     A, B, scales, zero_points, g_idx, bias, K: int, N: int, block_size: int, bits: int = 4
 ):
     """A @ ((q - zp) * scale)^T, zp unpacked from uint8 like q."""
-    nbits = op.Constant(value_int=bits)
-    shifts = op.Cast(op.Range(op.Constant(value_int=0), op.Constant(value_int=8), nbits), to=2)
-    nbits8 = op.Cast(nbits, to=2)
-    levels = op.CastLike(op.Pow(op.Constant(value_int=2), nbits), A)
-    last = op.Constant(value_ints=[-1])
-    shifted = op.BitShift(op.Unsqueeze(B, last), shifts, direction="RIGHT")
-    high = op.BitShift(shifted, nbits8, direction="RIGHT")
-    codes = op.CastLike(shifted, A) - op.CastLike(high, A) * levels
-    q = op.Reshape(codes, op.Constant(value_ints=[0, 0, -1]))
-    shape_b = op.Shape(B)
-    rows = op.Slice(shape_b, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]))
-    n_blocks = op.Slice(shape_b, op.Constant(value_ints=[1]), op.Constant(value_ints=[2]))
-    block_shape = op.Concat(rows, n_blocks, op.Constant(value_ints=[1]), axis=0)
-    scale = op.Reshape(scales, block_shape)
-    zp_bytes = op.Reshape(zero_points, op.Concat(rows, last, axis=0))  # [N, zp_bytes]
-    zp_shifted = op.BitShift(op.Unsqueeze(zp_bytes, last), shifts, direction="RIGHT")
-    zp_high = op.BitShift(zp_shifted, nbits8, direction="RIGHT")
-    zp_codes = op.CastLike(zp_shifted, A) - op.CastLike(zp_high, A) * levels
-    zp_flat = op.Reshape(zp_codes, op.Constant(value_ints=[0, -1]))
-    zp_flat = op.Slice(zp_flat, op.Constant(value_ints=[0]), n_blocks, op.Constant(value_ints=[1]))
-    zp = op.Unsqueeze(zp_flat, last)  # [N, k_blocks, 1]
-    weight = op.Reshape((q - zp) * scale, op.Constant(value_ints=[0, -1]))
-    k = op.Unsqueeze(op.Constant(value_int=K), op.Constant(value_ints=[0]))
-    weight = op.Slice(weight, op.Constant(value_ints=[0]), k, op.Constant(value_ints=[1]))
-    return op.MatMul(A, op.Transpose(weight, perm=[1, 0]))
+    zp = _packed_zp(zero_points, B, A, bits=bits)
+    return op.MatMul(A, _weight(B, scales, zp, A, K=K, bits=bits))
 
 
 @register("com.microsoft", "MatMulNBits", applies=_applies("packed", bias=True))
-@script()
+@script(default_opset=op)
 def matmul_nbits_packed_zp_bias(
     A, B, scales, zero_points, g_idx, bias, K: int, N: int, block_size: int, bits: int = 4
 ):
     """A @ ((q - zp) * scale)^T + bias, zp unpacked from uint8 like q."""
-    nbits = op.Constant(value_int=bits)
-    shifts = op.Cast(op.Range(op.Constant(value_int=0), op.Constant(value_int=8), nbits), to=2)
-    nbits8 = op.Cast(nbits, to=2)
-    levels = op.CastLike(op.Pow(op.Constant(value_int=2), nbits), A)
-    last = op.Constant(value_ints=[-1])
-    shifted = op.BitShift(op.Unsqueeze(B, last), shifts, direction="RIGHT")
-    high = op.BitShift(shifted, nbits8, direction="RIGHT")
-    codes = op.CastLike(shifted, A) - op.CastLike(high, A) * levels
-    q = op.Reshape(codes, op.Constant(value_ints=[0, 0, -1]))
-    shape_b = op.Shape(B)
-    rows = op.Slice(shape_b, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]))
-    n_blocks = op.Slice(shape_b, op.Constant(value_ints=[1]), op.Constant(value_ints=[2]))
-    block_shape = op.Concat(rows, n_blocks, op.Constant(value_ints=[1]), axis=0)
-    scale = op.Reshape(scales, block_shape)
-    zp_bytes = op.Reshape(zero_points, op.Concat(rows, last, axis=0))
-    zp_shifted = op.BitShift(op.Unsqueeze(zp_bytes, last), shifts, direction="RIGHT")
-    zp_high = op.BitShift(zp_shifted, nbits8, direction="RIGHT")
-    zp_codes = op.CastLike(zp_shifted, A) - op.CastLike(zp_high, A) * levels
-    zp_flat = op.Reshape(zp_codes, op.Constant(value_ints=[0, -1]))
-    zp_flat = op.Slice(zp_flat, op.Constant(value_ints=[0]), n_blocks, op.Constant(value_ints=[1]))
-    zp = op.Unsqueeze(zp_flat, last)
-    weight = op.Reshape((q - zp) * scale, op.Constant(value_ints=[0, -1]))
-    k = op.Unsqueeze(op.Constant(value_int=K), op.Constant(value_ints=[0]))
-    weight = op.Slice(weight, op.Constant(value_ints=[0]), k, op.Constant(value_ints=[1]))
-    return op.MatMul(A, op.Transpose(weight, perm=[1, 0])) + bias
+    zp = _packed_zp(zero_points, B, A, bits=bits)
+    return op.MatMul(A, _weight(B, scales, zp, A, K=K, bits=bits)) + bias

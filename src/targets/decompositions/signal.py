@@ -36,52 +36,54 @@ def _stft_applies(window: bool):
     return check
 
 
-@register("", "STFT", min_opset=17, applies=_stft_applies(window=True))
-@script()
-def stft(signal, frame_step, window, frame_length, onesided: int = 1):
-    """STFT with a window: frames (Gather) @ windowed DFT basis (MatMul)."""
+@script(default_opset=op)
+def _frames(signal, frame_step, size):
+    """x[b, f * step + n] as [batch, frames, N]: one Gather, ``N = size`` (an int64 scalar)."""
     zero = op.Constant(value_int=0)
     one = op.Constant(value_int=1)
-    size = op.Size(window)
     x = op.Squeeze(signal, op.Constant(value_ints=[2]))  # [batch, length]
     count = (op.Shape(signal)[1] - size) / op.CastLike(frame_step, size) + one
     starts = op.Range(zero, count, one) * op.CastLike(frame_step, size)
     index = op.Unsqueeze(starts, op.Constant(value_ints=[1])) + op.Range(zero, size, one)
-    frames = op.Gather(x, index, axis=1)  # [batch, frames, N]
+    return op.Gather(x, index, axis=1)
+
+
+@script(default_opset=op)
+def _dft_basis(size, like, onesided: int):
+    """(cos, -sin)(2 pi (k n mod N) / N) as [N, bins, 2] in like's type, bins N // 2 + 1 if
+    onesided, else N."""
+    zero = op.Constant(value_int=0)
+    one = op.Constant(value_int=1)
     half = op.Constant(value_int=onesided)
     bins = op.Where(op.Equal(half, zero), size, size / op.Constant(value_int=2) + one)
     n = op.Range(zero, size, one)
     turns = op.Mod(op.Unsqueeze(n, op.Constant(value_ints=[1])) * op.Range(zero, bins, one), size)
-    angle = op.CastLike(turns, signal) * op.CastLike(TWO_PI, signal) / op.CastLike(size, signal)
+    angle = op.CastLike(turns, like) * op.CastLike(TWO_PI, like) / op.CastLike(size, like)
     last = op.Constant(value_ints=[-1])
-    basis = op.Concat(
-        op.Unsqueeze(op.Cos(angle), last), op.Unsqueeze(-op.Sin(angle), last), axis=-1
-    )
-    basis = basis * op.Unsqueeze(window, op.Constant(value_ints=[1, 2]))  # [N, bins, 2]
+    return op.Concat(op.Unsqueeze(op.Cos(angle), last), op.Unsqueeze(-op.Sin(angle), last), axis=-1)
+
+
+@script(default_opset=op)
+def _spectrum(frames, basis):
+    """frames [batch, frames, N] @ basis [N, bins, 2] -> [batch, frames, bins, 2]."""
     flat = op.MatMul(frames, op.Reshape(basis, op.Constant(value_ints=[0, -1])))
     return op.Reshape(flat, op.Constant(value_ints=[0, 0, -1, 2]))
+
+
+@register("", "STFT", min_opset=17, applies=_stft_applies(window=True))
+@script(default_opset=op)
+def stft(signal, frame_step, window, frame_length, onesided: int = 1):
+    """STFT with a window: frames (Gather) @ windowed DFT basis w[n] * (cos, -sin) (MatMul)."""
+    size = op.Size(window)
+    basis = _dft_basis(size, signal, onesided=onesided)
+    basis = basis * op.Unsqueeze(window, op.Constant(value_ints=[1, 2]))  # [N, bins, 2]
+    return _spectrum(_frames(signal, frame_step, size), basis)
 
 
 @register("", "STFT", min_opset=17, applies=_stft_applies(window=False))
-@script()
+@script(default_opset=op)
 def stft_no_window(signal, frame_step, window, frame_length, onesided: int = 1):
     """STFT without a window: frames (Gather) @ DFT basis (MatMul), N = frame_length."""
-    zero = op.Constant(value_int=0)
-    one = op.Constant(value_int=1)
     size = op.Cast(frame_length, to=7)  # INT64
-    x = op.Squeeze(signal, op.Constant(value_ints=[2]))
-    count = (op.Shape(signal)[1] - size) / op.CastLike(frame_step, size) + one
-    starts = op.Range(zero, count, one) * op.CastLike(frame_step, size)
-    index = op.Unsqueeze(starts, op.Constant(value_ints=[1])) + op.Range(zero, size, one)
-    frames = op.Gather(x, index, axis=1)
-    half = op.Constant(value_int=onesided)
-    bins = op.Where(op.Equal(half, zero), size, size / op.Constant(value_int=2) + one)
-    n = op.Range(zero, size, one)
-    turns = op.Mod(op.Unsqueeze(n, op.Constant(value_ints=[1])) * op.Range(zero, bins, one), size)
-    angle = op.CastLike(turns, signal) * op.CastLike(TWO_PI, signal) / op.CastLike(size, signal)
-    last = op.Constant(value_ints=[-1])
-    basis = op.Concat(
-        op.Unsqueeze(op.Cos(angle), last), op.Unsqueeze(-op.Sin(angle), last), axis=-1
-    )
-    flat = op.MatMul(frames, op.Reshape(basis, op.Constant(value_ints=[0, -1])))
-    return op.Reshape(flat, op.Constant(value_ints=[0, 0, -1, 2]))
+    basis = _dft_basis(size, signal, onesided=onesided)
+    return _spectrum(_frames(signal, frame_step, size), basis)

@@ -40,120 +40,83 @@ def _pad_applies(mode: str, axes: int) -> Callable[[ir.Node], str | None]:
     return check
 
 
-@register("", "Pad", applies=_pad_applies("reflect", 1))
-@script()
-def pad_reflect_1(data, pads, constant_value, axes):
-    """Reflect-pad the last axis: concat(x[b:0:-1], x, x[-2:-2-e:-1])."""
-    table = op.Reshape(pads, op.Constant(value_ints=[2, -1]))  # [[begins], [ends]]
+@script(default_opset=op)
+def _reflect(x, table, axis: int):
+    """Reflect-pad one axis: concat(x[b:0:-1], x, x[-2:-2-e:-1]), (b, e) = table[:, axis]."""
+    where = op.Reshape(op.Constant(value_int=axis), op.Constant(value_ints=[1]))  # [axis]
     back = op.Constant(value_ints=[-1])
     two = op.Constant(value_ints=[-2])
-    b1 = op.Gather(op.Gather(table, 0), op.Constant(value_ints=[-1]))
-    e1 = op.Gather(op.Gather(table, 1), op.Constant(value_ints=[-1]))
-    head = op.Slice(data, b1, op.Constant(value_ints=[0]), op.Constant(value_ints=[-1]), back)
-    tail = op.Slice(data, two, two - e1, op.Constant(value_ints=[-1]), back)
-    return op.Concat(head, data, tail, axis=-1)
+    b = op.Gather(op.Gather(table, 0), where)
+    e = op.Gather(op.Gather(table, 1), where)
+    head = op.Slice(x, b, op.Constant(value_ints=[0]), where, back)
+    tail = op.Slice(x, two, two - e, where, back)
+    return op.Concat(head, x, tail, axis=axis)
+
+
+@script(default_opset=op)
+def _edge(x, table, axis: int):
+    """Edge-pad one axis: concat(x[[0]*b], x, x[[-1]*e]), (b, e) = table[:, axis]."""
+    zero = op.Constant(value_int=0)
+    one = op.Constant(value_int=1)
+    where = op.Constant(value_int=axis)
+    b = op.Gather(op.Gather(table, 0), where)
+    e = op.Gather(op.Gather(table, 1), where)
+    head = op.Gather(x, op.Range(zero, b, one) * zero, axis=axis)
+    tail = op.Gather(x, op.Range(zero, e, one) * zero - one, axis=axis)
+    return op.Concat(head, x, tail, axis=axis)
+
+
+@script(default_opset=op)
+def _pad_table(pads):
+    """The pads as [[begins], [ends]]."""
+    return op.Reshape(pads, op.Constant(value_ints=[2, -1]))
+
+
+@register("", "Pad", applies=_pad_applies("reflect", 1))
+@script(default_opset=op)
+def pad_reflect_1(data, pads, constant_value, axes):
+    """Reflect-pad the last axis: concat(x[b:0:-1], x, x[-2:-2-e:-1])."""
+    return _reflect(data, _pad_table(pads), axis=-1)
 
 
 @register("", "Pad", applies=_pad_applies("reflect", 2))
-@script()
+@script(default_opset=op)
 def pad_reflect_2(data, pads, constant_value, axes):
     """Reflect-pad the last two axes: concat(x[b:0:-1], x, x[-2:-2-e:-1]) on each."""
-    table = op.Reshape(pads, op.Constant(value_ints=[2, -1]))
-    back = op.Constant(value_ints=[-1])
-    two = op.Constant(value_ints=[-2])
-    zero = op.Constant(value_ints=[0])
-    b1 = op.Gather(op.Gather(table, 0), op.Constant(value_ints=[-1]))
-    e1 = op.Gather(op.Gather(table, 1), op.Constant(value_ints=[-1]))
-    head = op.Slice(data, b1, zero, op.Constant(value_ints=[-1]), back)
-    tail = op.Slice(data, two, two - e1, op.Constant(value_ints=[-1]), back)
-    x = op.Concat(head, data, tail, axis=-1)
-    b2 = op.Gather(op.Gather(table, 0), op.Constant(value_ints=[-2]))
-    e2 = op.Gather(op.Gather(table, 1), op.Constant(value_ints=[-2]))
-    head = op.Slice(x, b2, zero, op.Constant(value_ints=[-2]), back)
-    tail = op.Slice(x, two, two - e2, op.Constant(value_ints=[-2]), back)
-    return op.Concat(head, x, tail, axis=-2)
+    table = _pad_table(pads)
+    return _reflect(_reflect(data, table, axis=-1), table, axis=-2)
 
 
 @register("", "Pad", applies=_pad_applies("reflect", 3))
-@script()
+@script(default_opset=op)
 def pad_reflect_3(data, pads, constant_value, axes):
     """Reflect-pad the last three axes: concat(x[b:0:-1], x, x[-2:-2-e:-1]) on each."""
-    table = op.Reshape(pads, op.Constant(value_ints=[2, -1]))
-    back = op.Constant(value_ints=[-1])
-    two = op.Constant(value_ints=[-2])
-    zero = op.Constant(value_ints=[0])
-    b1 = op.Gather(op.Gather(table, 0), op.Constant(value_ints=[-1]))
-    e1 = op.Gather(op.Gather(table, 1), op.Constant(value_ints=[-1]))
-    head = op.Slice(data, b1, zero, op.Constant(value_ints=[-1]), back)
-    tail = op.Slice(data, two, two - e1, op.Constant(value_ints=[-1]), back)
-    x = op.Concat(head, data, tail, axis=-1)
-    b2 = op.Gather(op.Gather(table, 0), op.Constant(value_ints=[-2]))
-    e2 = op.Gather(op.Gather(table, 1), op.Constant(value_ints=[-2]))
-    head = op.Slice(x, b2, zero, op.Constant(value_ints=[-2]), back)
-    tail = op.Slice(x, two, two - e2, op.Constant(value_ints=[-2]), back)
-    x = op.Concat(head, x, tail, axis=-2)
-    b3 = op.Gather(op.Gather(table, 0), op.Constant(value_ints=[-3]))
-    e3 = op.Gather(op.Gather(table, 1), op.Constant(value_ints=[-3]))
-    head = op.Slice(x, b3, zero, op.Constant(value_ints=[-3]), back)
-    tail = op.Slice(x, two, two - e3, op.Constant(value_ints=[-3]), back)
-    return op.Concat(head, x, tail, axis=-3)
+    table = _pad_table(pads)
+    x = _reflect(_reflect(data, table, axis=-1), table, axis=-2)
+    return _reflect(x, table, axis=-3)
 
 
 @register("", "Pad", applies=_pad_applies("edge", 1))
-@script()
+@script(default_opset=op)
 def pad_edge_1(data, pads, constant_value, axes):
     """Edge-pad the last axis: concat(x[[0]*b], x, x[[-1]*e])."""
-    table = op.Reshape(pads, op.Constant(value_ints=[2, -1]))
-    zero = op.Constant(value_int=0)
-    one = op.Constant(value_int=1)
-    b1 = op.Gather(op.Gather(table, 0), op.Constant(value_int=-1))
-    e1 = op.Gather(op.Gather(table, 1), op.Constant(value_int=-1))
-    head = op.Gather(data, op.Range(zero, b1, one) * zero, axis=-1)
-    tail = op.Gather(data, op.Range(zero, e1, one) * zero - one, axis=-1)
-    return op.Concat(head, data, tail, axis=-1)
+    return _edge(data, _pad_table(pads), axis=-1)
 
 
 @register("", "Pad", applies=_pad_applies("edge", 2))
-@script()
+@script(default_opset=op)
 def pad_edge_2(data, pads, constant_value, axes):
     """Edge-pad the last two axes: concat(x[[0]*b], x, x[[-1]*e]) on each."""
-    table = op.Reshape(pads, op.Constant(value_ints=[2, -1]))
-    zero = op.Constant(value_int=0)
-    one = op.Constant(value_int=1)
-    b1 = op.Gather(op.Gather(table, 0), op.Constant(value_int=-1))
-    e1 = op.Gather(op.Gather(table, 1), op.Constant(value_int=-1))
-    head = op.Gather(data, op.Range(zero, b1, one) * zero, axis=-1)
-    tail = op.Gather(data, op.Range(zero, e1, one) * zero - one, axis=-1)
-    x = op.Concat(head, data, tail, axis=-1)
-    b2 = op.Gather(op.Gather(table, 0), op.Constant(value_int=-2))
-    e2 = op.Gather(op.Gather(table, 1), op.Constant(value_int=-2))
-    head = op.Gather(x, op.Range(zero, b2, one) * zero, axis=-2)
-    tail = op.Gather(x, op.Range(zero, e2, one) * zero - one, axis=-2)
-    return op.Concat(head, x, tail, axis=-2)
+    table = _pad_table(pads)
+    return _edge(_edge(data, table, axis=-1), table, axis=-2)
 
 
 @register("", "Pad", applies=_pad_applies("edge", 3))
-@script()
+@script(default_opset=op)
 def pad_edge_3(data, pads, constant_value, axes):
     """Edge-pad the last three axes: concat(x[[0]*b], x, x[[-1]*e]) on each."""
-    table = op.Reshape(pads, op.Constant(value_ints=[2, -1]))
-    zero = op.Constant(value_int=0)
-    one = op.Constant(value_int=1)
-    b1 = op.Gather(op.Gather(table, 0), op.Constant(value_int=-1))
-    e1 = op.Gather(op.Gather(table, 1), op.Constant(value_int=-1))
-    head = op.Gather(data, op.Range(zero, b1, one) * zero, axis=-1)
-    tail = op.Gather(data, op.Range(zero, e1, one) * zero - one, axis=-1)
-    x = op.Concat(head, data, tail, axis=-1)
-    b2 = op.Gather(op.Gather(table, 0), op.Constant(value_int=-2))
-    e2 = op.Gather(op.Gather(table, 1), op.Constant(value_int=-2))
-    head = op.Gather(x, op.Range(zero, b2, one) * zero, axis=-2)
-    tail = op.Gather(x, op.Range(zero, e2, one) * zero - one, axis=-2)
-    x = op.Concat(head, x, tail, axis=-2)
-    b3 = op.Gather(op.Gather(table, 0), op.Constant(value_int=-3))
-    e3 = op.Gather(op.Gather(table, 1), op.Constant(value_int=-3))
-    head = op.Gather(x, op.Range(zero, b3, one) * zero, axis=-3)
-    tail = op.Gather(x, op.Range(zero, e3, one) * zero - one, axis=-3)
-    return op.Concat(head, x, tail, axis=-3)
+    table = _pad_table(pads)
+    return _edge(_edge(_edge(data, table, axis=-1), table, axis=-2), table, axis=-3)
 
 
 def _canonical(equation: str) -> str:
