@@ -59,52 +59,100 @@ def _all(*hooks: Callable[[ir.Node], str | None]) -> Callable[[ir.Node], str | N
     return applies
 
 
+# --- Shared statistics ------------------------------------------------------------------------
+# Helper functions (inlined with the caller). Each returns its intermediate values too, so that
+# a caller picks what it needs without computing anything twice.
+
+
+@script(default_opset=op)
+def _trailing(X, axis: int, stash_type: int):
+    """x = Cast(X, stash_type), the axes [axis, rank) and count, the elements over them."""
+    shape = op.Shape(X)
+    rank = op.Size(shape)
+    axis_value = op.Constant(value_int=axis)
+    start = op.Where(op.Less(axis_value, op.Constant(value_int=0)), axis_value + rank, axis_value)
+    axes = op.Range(start, rank, op.Constant(value_int=1))
+    x = op.Cast(X, to=stash_type)
+    count = op.CastLike(op.ReduceProd(op.Gather(shape, axes), keepdims=0), x)
+    return x, axes, count
+
+
+@script(default_opset=op)
+def _last_axis(s):
+    """The axes [-1] and count, the elements over them."""
+    axes = op.Constant(value_ints=[-1])
+    count = op.CastLike(op.Gather(op.Shape(s), axes), s)
+    return axes, count
+
+
+@script(default_opset=op)
+def _standardize(x, axes, count, epsilon: float):
+    """(x - mean) / std, mean = E[x] and std = sqrt(E[(x - mean)^2] + epsilon) over axes."""
+    mean = op.ReduceSum(x, axes, keepdims=1) / count
+    centered = x - mean
+    variance = op.ReduceSum(centered * centered, axes, keepdims=1) / count
+    std = op.Sqrt(variance + op.CastLike(op.Constant(value_float=epsilon), x))
+    return centered / std, mean, std
+
+
+@script(default_opset=op)
+def _rms_normalize(x, axes, count, epsilon: float):
+    """x / rms, mean_square = E[x^2] and rms = sqrt(mean_square + epsilon) over axes."""
+    mean_square = op.ReduceSum(x * x, axes, keepdims=1) / count
+    rms = op.Sqrt(mean_square + op.CastLike(op.Constant(value_float=epsilon), x))
+    return x / rms, mean_square, rms
+
+
+@script(default_opset=op)
+def _skip_sum(X, skip):
+    """X + skip in float32."""
+    return op.Cast(X, to=1) + op.Cast(skip, to=1)
+
+
+@script(default_opset=op)
+def _skip_standardize(s, gamma, epsilon: float):
+    """(s - mean) / std * gamma over the last axis of float32 s, mean and std (_standardize)."""
+    axes, count = _last_axis(s)
+    normalized, mean, std = _standardize(s, axes, count, epsilon=epsilon)
+    return normalized * op.Cast(gamma, to=1), mean, std
+
+
+@script(default_opset=op)
+def _skip_rms_normalize(s, gamma, epsilon: float):
+    """s / rms * gamma over the last axis of float32 s, mean_square and rms (_rms_normalize)."""
+    axes, count = _last_axis(s)
+    normalized, mean_square, rms = _rms_normalize(s, axes, count, epsilon=epsilon)
+    return normalized * op.Cast(gamma, to=1), mean_square, rms
+
+
 # --- LayerNormalization-17 ------------------------------------------------------------------
 
 
 @register("", "LayerNormalization", applies=_inputs(present=(2,)))
-@script()
+@script(default_opset=op)
 def layer_normalization(X, Scale, B, axis: int = -1, epsilon: float = 1e-5, stash_type: int = 1):
     """(X - mean) / sqrt(var + epsilon) * Scale + B over the axes [axis, rank)."""
-    shape = op.Shape(X)
-    rank = op.Size(shape)
-    axis_value = op.Constant(value_int=axis)
-    start = op.Where(op.Less(axis_value, op.Constant(value_int=0)), axis_value + rank, axis_value)
-    axes = op.Range(start, rank, op.Constant(value_int=1))
-    x = op.Cast(X, to=stash_type)
-    count = op.CastLike(op.ReduceProd(op.Gather(shape, axes), keepdims=0), x)
-    mean = op.ReduceSum(x, axes, keepdims=1) / count  # E[x]
-    centered = x - mean
-    variance = op.ReduceSum(centered * centered, axes, keepdims=1) / count  # E[(x - E[x])^2]
-    eps = op.CastLike(op.Constant(value_float=epsilon), x)
-    return op.CastLike(centered / op.Sqrt(variance + eps), X) * Scale + B
+    x, axes, count = _trailing(X, axis=axis, stash_type=stash_type)
+    normalized, _mean, _std = _standardize(x, axes, count, epsilon=epsilon)
+    return op.CastLike(normalized, X) * Scale + B
 
 
 @register("", "LayerNormalization", applies=_inputs(absent=(2,)))
-@script()
+@script(default_opset=op)
 def layer_normalization_no_bias(
     X, Scale, B, axis: int = -1, epsilon: float = 1e-5, stash_type: int = 1
 ):
     """(X - mean) / sqrt(var + epsilon) * Scale over the axes [axis, rank) (no B)."""
-    shape = op.Shape(X)
-    rank = op.Size(shape)
-    axis_value = op.Constant(value_int=axis)
-    start = op.Where(op.Less(axis_value, op.Constant(value_int=0)), axis_value + rank, axis_value)
-    axes = op.Range(start, rank, op.Constant(value_int=1))
-    x = op.Cast(X, to=stash_type)
-    count = op.CastLike(op.ReduceProd(op.Gather(shape, axes), keepdims=0), x)
-    mean = op.ReduceSum(x, axes, keepdims=1) / count
-    centered = x - mean
-    variance = op.ReduceSum(centered * centered, axes, keepdims=1) / count
-    eps = op.CastLike(op.Constant(value_float=epsilon), x)
-    return op.CastLike(centered / op.Sqrt(variance + eps), X) * Scale
+    x, axes, count = _trailing(X, axis=axis, stash_type=stash_type)
+    normalized, _mean, _std = _standardize(x, axes, count, epsilon=epsilon)
+    return op.CastLike(normalized, X) * Scale
 
 
 # --- GroupNormalization-18 / -21 -------------------------------------------------------------
 
 
 @register("", "GroupNormalization", min_opset=18)
-@script()
+@script(default_opset=op)
 def group_normalization(
     X, scale, bias, num_groups: int, epsilon: float = 1e-5, stash_type: int = 1
 ):
@@ -123,13 +171,9 @@ def group_normalization(
     x = op.Cast(op.Reshape(X, view), to=stash_type)
     axes = op.Constant(value_ints=[2, 3])
     count = op.CastLike(op.ReduceProd(op.Gather(op.Shape(x), axes), keepdims=0), x)
-    mean = op.ReduceSum(x, axes, keepdims=1) / count
-    centered = x - mean
-    variance = op.ReduceSum(centered * centered, axes, keepdims=1) / count
-    eps = op.CastLike(op.Constant(value_float=epsilon), x)
-    normalized = op.CastLike(centered / op.Sqrt(variance + eps), X)
+    normalized, _mean, _std = _standardize(x, axes, count, epsilon=epsilon)
     affine = op.Concat(groups, op.Constant(value_ints=[-1, 1]), axis=0)
-    y = normalized * op.Reshape(scale, affine) + op.Reshape(bias, affine)
+    y = op.CastLike(normalized, X) * op.Reshape(scale, affine) + op.Reshape(bias, affine)
     return op.Reshape(y, shape)
 
 
@@ -138,19 +182,12 @@ def group_normalization(
 
 @register("", "RMSNormalization")
 @register("", "SimplifiedLayerNormalization")
-@script()
+@script(default_opset=op)
 def rms_normalization(X, scale, axis: int = -1, epsilon: float = 1e-5, stash_type: int = 1):
     """X / sqrt(mean(X^2) + epsilon) * scale, the mean over the axes [axis, rank)."""
-    shape = op.Shape(X)
-    rank = op.Size(shape)
-    axis_value = op.Constant(value_int=axis)
-    start = op.Where(op.Less(axis_value, op.Constant(value_int=0)), axis_value + rank, axis_value)
-    axes = op.Range(start, rank, op.Constant(value_int=1))
-    x = op.Cast(X, to=stash_type)
-    count = op.CastLike(op.ReduceProd(op.Gather(shape, axes), keepdims=0), x)
-    mean_square = op.ReduceSum(x * x, axes, keepdims=1) / count
-    eps = op.CastLike(op.Constant(value_float=epsilon), x)
-    return op.CastLike(x / op.Sqrt(mean_square + eps), X) * scale
+    x, axes, count = _trailing(X, axis=axis, stash_type=stash_type)
+    normalized, _mean_square, _rms = _rms_normalize(x, axes, count, epsilon=epsilon)
+    return op.CastLike(normalized, X) * scale
 
 
 # --- com.microsoft SkipLayerNormalization ----------------------------------------------------
@@ -160,125 +197,79 @@ def rms_normalization(X, scale, axis: int = -1, epsilon: float = 1e-5, stash_typ
 
 
 @register(MS, "SkipLayerNormalization", applies=_inputs(present=(3, 4)))
-@script()
+@script(default_opset=op)
 def skip_layer_normalization(X, skip, gamma, beta, bias, epsilon: float = 1e-12):
     """(s - mean) / sqrt(var + epsilon) * gamma + beta, s = X + skip + bias."""
-    s = op.Cast(X, to=1) + op.Cast(skip, to=1) + op.Cast(bias, to=1)
-    axes = op.Constant(value_ints=[-1])
-    count = op.CastLike(op.Gather(op.Shape(s), axes), s)
-    centered = s - op.ReduceSum(s, axes, keepdims=1) / count
-    variance = op.ReduceSum(centered * centered, axes, keepdims=1) / count
-    eps = op.CastLike(op.Constant(value_float=epsilon), s)
-    normalized = centered / op.Sqrt(variance + eps)
-    return op.CastLike(normalized * op.Cast(gamma, to=1) + op.Cast(beta, to=1), X)
+    s = _skip_sum(X, skip) + op.Cast(bias, to=1)
+    y, _mean, _std = _skip_standardize(s, gamma, epsilon=epsilon)
+    return op.CastLike(y + op.Cast(beta, to=1), X)
 
 
 @register(MS, "SkipLayerNormalization", applies=_inputs(present=(3,), absent=(4,)))
-@script()
+@script(default_opset=op)
 def skip_layer_normalization_no_bias(X, skip, gamma, beta, bias, epsilon: float = 1e-12):
     """(s - mean) / sqrt(var + epsilon) * gamma + beta, s = X + skip."""
-    s = op.Cast(X, to=1) + op.Cast(skip, to=1)
-    axes = op.Constant(value_ints=[-1])
-    count = op.CastLike(op.Gather(op.Shape(s), axes), s)
-    centered = s - op.ReduceSum(s, axes, keepdims=1) / count
-    variance = op.ReduceSum(centered * centered, axes, keepdims=1) / count
-    eps = op.CastLike(op.Constant(value_float=epsilon), s)
-    normalized = centered / op.Sqrt(variance + eps)
-    return op.CastLike(normalized * op.Cast(gamma, to=1) + op.Cast(beta, to=1), X)
+    s = _skip_sum(X, skip)
+    y, _mean, _std = _skip_standardize(s, gamma, epsilon=epsilon)
+    return op.CastLike(y + op.Cast(beta, to=1), X)
 
 
 @register(MS, "SkipLayerNormalization", applies=_inputs(present=(4,), absent=(3,)))
-@script()
+@script(default_opset=op)
 def skip_layer_normalization_no_beta(X, skip, gamma, beta, bias, epsilon: float = 1e-12):
     """(s - mean) / sqrt(var + epsilon) * gamma, s = X + skip + bias."""
-    s = op.Cast(X, to=1) + op.Cast(skip, to=1) + op.Cast(bias, to=1)
-    axes = op.Constant(value_ints=[-1])
-    count = op.CastLike(op.Gather(op.Shape(s), axes), s)
-    centered = s - op.ReduceSum(s, axes, keepdims=1) / count
-    variance = op.ReduceSum(centered * centered, axes, keepdims=1) / count
-    eps = op.CastLike(op.Constant(value_float=epsilon), s)
-    normalized = centered / op.Sqrt(variance + eps)
-    return op.CastLike(normalized * op.Cast(gamma, to=1), X)
+    s = _skip_sum(X, skip) + op.Cast(bias, to=1)
+    y, _mean, _std = _skip_standardize(s, gamma, epsilon=epsilon)
+    return op.CastLike(y, X)
 
 
 @register(MS, "SkipLayerNormalization", applies=_inputs(absent=(3, 4)))
-@script()
+@script(default_opset=op)
 def skip_layer_normalization_no_beta_no_bias(X, skip, gamma, beta, bias, epsilon: float = 1e-12):
     """(s - mean) / sqrt(var + epsilon) * gamma, s = X + skip."""
-    s = op.Cast(X, to=1) + op.Cast(skip, to=1)
-    axes = op.Constant(value_ints=[-1])
-    count = op.CastLike(op.Gather(op.Shape(s), axes), s)
-    centered = s - op.ReduceSum(s, axes, keepdims=1) / count
-    variance = op.ReduceSum(centered * centered, axes, keepdims=1) / count
-    eps = op.CastLike(op.Constant(value_float=epsilon), s)
-    normalized = centered / op.Sqrt(variance + eps)
-    return op.CastLike(normalized * op.Cast(gamma, to=1), X)
+    s = _skip_sum(X, skip)
+    y, _mean, _std = _skip_standardize(s, gamma, epsilon=epsilon)
+    return op.CastLike(y, X)
 
 
 @register(MS, "SkipLayerNormalization", applies=_inputs(present=(3, 4)))
-@script()
+@script(default_opset=op)
 def skip_layer_normalization_sum(X, skip, gamma, beta, bias, epsilon: float = 1e-12):
     """output (gamma + beta), mean, 1 / sqrt(var + epsilon) and s = X + skip + bias."""
-    s = op.Cast(X, to=1) + op.Cast(skip, to=1) + op.Cast(bias, to=1)
-    axes = op.Constant(value_ints=[-1])
-    count = op.CastLike(op.Gather(op.Shape(s), axes), s)
-    mean = op.ReduceSum(s, axes, keepdims=1) / count
-    centered = s - mean
-    variance = op.ReduceSum(centered * centered, axes, keepdims=1) / count
-    std = op.Sqrt(variance + op.CastLike(op.Constant(value_float=epsilon), s))
-    normalized = centered / std
-    output = op.CastLike(normalized * op.Cast(gamma, to=1) + op.Cast(beta, to=1), X)
+    s = _skip_sum(X, skip) + op.Cast(bias, to=1)
+    y, mean, std = _skip_standardize(s, gamma, epsilon=epsilon)
+    output = op.CastLike(y + op.Cast(beta, to=1), X)
     return output, mean, op.Reciprocal(std), op.CastLike(s, X)
 
 
 @register(MS, "SkipLayerNormalization", applies=_inputs(present=(3,), absent=(4,)))
-@script()
+@script(default_opset=op)
 def skip_layer_normalization_no_bias_sum(X, skip, gamma, beta, bias, epsilon: float = 1e-12):
     """output (gamma + beta), mean, 1 / sqrt(var + epsilon) and s = X + skip."""
-    s = op.Cast(X, to=1) + op.Cast(skip, to=1)
-    axes = op.Constant(value_ints=[-1])
-    count = op.CastLike(op.Gather(op.Shape(s), axes), s)
-    mean = op.ReduceSum(s, axes, keepdims=1) / count
-    centered = s - mean
-    variance = op.ReduceSum(centered * centered, axes, keepdims=1) / count
-    std = op.Sqrt(variance + op.CastLike(op.Constant(value_float=epsilon), s))
-    normalized = centered / std
-    output = op.CastLike(normalized * op.Cast(gamma, to=1) + op.Cast(beta, to=1), X)
+    s = _skip_sum(X, skip)
+    y, mean, std = _skip_standardize(s, gamma, epsilon=epsilon)
+    output = op.CastLike(y + op.Cast(beta, to=1), X)
     return output, mean, op.Reciprocal(std), op.CastLike(s, X)
 
 
 @register(MS, "SkipLayerNormalization", applies=_inputs(present=(4,), absent=(3,)))
-@script()
+@script(default_opset=op)
 def skip_layer_normalization_no_beta_sum(X, skip, gamma, beta, bias, epsilon: float = 1e-12):
     """output (gamma), mean, 1 / sqrt(var + epsilon) and s = X + skip + bias."""
-    s = op.Cast(X, to=1) + op.Cast(skip, to=1) + op.Cast(bias, to=1)
-    axes = op.Constant(value_ints=[-1])
-    count = op.CastLike(op.Gather(op.Shape(s), axes), s)
-    mean = op.ReduceSum(s, axes, keepdims=1) / count
-    centered = s - mean
-    variance = op.ReduceSum(centered * centered, axes, keepdims=1) / count
-    std = op.Sqrt(variance + op.CastLike(op.Constant(value_float=epsilon), s))
-    normalized = centered / std
-    output = op.CastLike(normalized * op.Cast(gamma, to=1), X)
-    return output, mean, op.Reciprocal(std), op.CastLike(s, X)
+    s = _skip_sum(X, skip) + op.Cast(bias, to=1)
+    y, mean, std = _skip_standardize(s, gamma, epsilon=epsilon)
+    return op.CastLike(y, X), mean, op.Reciprocal(std), op.CastLike(s, X)
 
 
 @register(MS, "SkipLayerNormalization", applies=_inputs(absent=(3, 4)))
-@script()
+@script(default_opset=op)
 def skip_layer_normalization_no_beta_no_bias_sum(
     X, skip, gamma, beta, bias, epsilon: float = 1e-12
 ):
     """output (gamma), mean, 1 / sqrt(var + epsilon) and s = X + skip."""
-    s = op.Cast(X, to=1) + op.Cast(skip, to=1)
-    axes = op.Constant(value_ints=[-1])
-    count = op.CastLike(op.Gather(op.Shape(s), axes), s)
-    mean = op.ReduceSum(s, axes, keepdims=1) / count
-    centered = s - mean
-    variance = op.ReduceSum(centered * centered, axes, keepdims=1) / count
-    std = op.Sqrt(variance + op.CastLike(op.Constant(value_float=epsilon), s))
-    normalized = centered / std
-    output = op.CastLike(normalized * op.Cast(gamma, to=1), X)
-    return output, mean, op.Reciprocal(std), op.CastLike(s, X)
+    s = _skip_sum(X, skip)
+    y, mean, std = _skip_standardize(s, gamma, epsilon=epsilon)
+    return op.CastLike(y, X), mean, op.Reciprocal(std), op.CastLike(s, X)
 
 
 # --- com.microsoft SkipSimplifiedLayerNormalization ------------------------------------------
@@ -288,27 +279,21 @@ def skip_layer_normalization_no_beta_no_bias_sum(
 
 
 @register(MS, "SkipSimplifiedLayerNormalization", applies=_inputs(present=(3,)))
-@script()
+@script(default_opset=op)
 def skip_simplified_layer_normalization(X, skip, gamma, bias, epsilon: float = 1e-12):
     """s / sqrt(mean(s^2) + epsilon) * gamma, s = X + skip + bias."""
-    s = op.Cast(X, to=1) + op.Cast(skip, to=1) + op.Cast(bias, to=1)
-    axes = op.Constant(value_ints=[-1])
-    count = op.CastLike(op.Gather(op.Shape(s), axes), s)
-    mean_square = op.ReduceSum(s * s, axes, keepdims=1) / count
-    eps = op.CastLike(op.Constant(value_float=epsilon), s)
-    return op.CastLike(s / op.Sqrt(mean_square + eps) * op.Cast(gamma, to=1), X)
+    s = _skip_sum(X, skip) + op.Cast(bias, to=1)
+    y, _mean_square, _rms = _skip_rms_normalize(s, gamma, epsilon=epsilon)
+    return op.CastLike(y, X)
 
 
 @register(MS, "SkipSimplifiedLayerNormalization", applies=_inputs(absent=(3,)))
-@script()
+@script(default_opset=op)
 def skip_simplified_layer_normalization_no_bias(X, skip, gamma, bias, epsilon: float = 1e-12):
     """s / sqrt(mean(s^2) + epsilon) * gamma, s = X + skip."""
-    s = op.Cast(X, to=1) + op.Cast(skip, to=1)
-    axes = op.Constant(value_ints=[-1])
-    count = op.CastLike(op.Gather(op.Shape(s), axes), s)
-    mean_square = op.ReduceSum(s * s, axes, keepdims=1) / count
-    eps = op.CastLike(op.Constant(value_float=epsilon), s)
-    return op.CastLike(s / op.Sqrt(mean_square + eps) * op.Cast(gamma, to=1), X)
+    s = _skip_sum(X, skip)
+    y, _mean_square, _rms = _skip_rms_normalize(s, gamma, epsilon=epsilon)
+    return op.CastLike(y, X)
 
 
 @register(
@@ -316,16 +301,12 @@ def skip_simplified_layer_normalization_no_bias(X, skip, gamma, bias, epsilon: f
     "SkipSimplifiedLayerNormalization",
     applies=_all(_inputs(present=(3,)), _unused_output(1)),
 )
-@script()
+@script(default_opset=op)
 def skip_simplified_layer_normalization_sum(X, skip, gamma, bias, epsilon: float = 1e-12):
     """output, (mean: unused), 1 / sqrt(mean(s^2) + epsilon) and s = X + skip + bias."""
-    s = op.Cast(X, to=1) + op.Cast(skip, to=1) + op.Cast(bias, to=1)
-    axes = op.Constant(value_ints=[-1])
-    count = op.CastLike(op.Gather(op.Shape(s), axes), s)
-    mean_square = op.ReduceSum(s * s, axes, keepdims=1) / count
-    rms = op.Sqrt(mean_square + op.CastLike(op.Constant(value_float=epsilon), s))
-    output = op.CastLike(s / rms * op.Cast(gamma, to=1), X)
-    return output, mean_square, op.Reciprocal(rms), op.CastLike(s, X)
+    s = _skip_sum(X, skip) + op.Cast(bias, to=1)
+    y, mean_square, rms = _skip_rms_normalize(s, gamma, epsilon=epsilon)
+    return op.CastLike(y, X), mean_square, op.Reciprocal(rms), op.CastLike(s, X)
 
 
 @register(
@@ -333,13 +314,9 @@ def skip_simplified_layer_normalization_sum(X, skip, gamma, bias, epsilon: float
     "SkipSimplifiedLayerNormalization",
     applies=_all(_inputs(absent=(3,)), _unused_output(1)),
 )
-@script()
+@script(default_opset=op)
 def skip_simplified_layer_normalization_no_bias_sum(X, skip, gamma, bias, epsilon: float = 1e-12):
     """output, (mean: unused), 1 / sqrt(mean(s^2) + epsilon) and s = X + skip."""
-    s = op.Cast(X, to=1) + op.Cast(skip, to=1)
-    axes = op.Constant(value_ints=[-1])
-    count = op.CastLike(op.Gather(op.Shape(s), axes), s)
-    mean_square = op.ReduceSum(s * s, axes, keepdims=1) / count
-    rms = op.Sqrt(mean_square + op.CastLike(op.Constant(value_float=epsilon), s))
-    output = op.CastLike(s / rms * op.Cast(gamma, to=1), X)
-    return output, mean_square, op.Reciprocal(rms), op.CastLike(s, X)
+    s = _skip_sum(X, skip)
+    y, mean_square, rms = _skip_rms_normalize(s, gamma, epsilon=epsilon)
+    return op.CastLike(y, X), mean_square, op.Reciprocal(rms), op.CastLike(s, X)
