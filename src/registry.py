@@ -11,11 +11,12 @@ _BUILTIN: dict[str, str] = {
     "fold-constants": "onnxopt.passes.fold_constants",
     "cleanup": "onnxopt.passes.cleanup",
     "infer-shapes": "onnxopt.passes.infer_shapes",
+    "fold-batchnorm": "onnxopt.passes.fold_batchnorm",
     "lower": "onnxopt.passes.lower",
 }
 # alias -> the pipeline spec it expands to.
 _ALIASES: dict[str, str] = {
-    "simplify": "fold-constants,cleanup,infer-shapes",
+    "simplify": "fold-constants,fold-batchnorm,cleanup,infer-shapes",
 }
 _PASSES: dict[str, type[Pass]] = {}
 

@@ -52,7 +52,7 @@ def test_spec_round_trips(text: str) -> None:
 
 def test_alias_expands_in_place() -> None:
     names = [p.name for p in spec.build("infer-shapes,simplify")]
-    assert names == ["infer-shapes", "fold-constants", "cleanup", "infer-shapes"]
+    assert names == ["infer-shapes", "fold-constants", "fold-batchnorm", "cleanup", "infer-shapes"]
 
 
 @pytest.mark.parametrize(

@@ -93,7 +93,8 @@ def test_run_simplify_writes_verified_model_and_report(tmp_path: Path) -> None:
 
     report = json.loads(report_path.read_text())
     assert report["ok"] and report["exit_code"] == 0
-    assert [p["name"] for p in report["passes"]] == ["fold-constants", "cleanup", "infer-shapes"]
+    expected = ["fold-constants", "fold-batchnorm", "cleanup", "infer-shapes"]
+    assert [p["name"] for p in report["passes"]] == expected
     for entry in report["passes"]:
         assert {"status", "counts", "metrics", "seconds"} <= entry.keys()
         assert entry["status"] in ("ok", "unchanged")
@@ -311,7 +312,7 @@ def test_passes_lists_builtins_and_aliases() -> None:
     listing = json.loads(invoke("passes", "--json").stdout)
     names = {p["name"] for p in listing["passes"]}
     assert {"fold-constants", "cleanup", "infer-shapes"} <= names
-    assert listing["aliases"]["simplify"] == "fold-constants,cleanup,infer-shapes"
+    assert listing["aliases"]["simplify"] == "fold-constants,fold-batchnorm,cleanup,infer-shapes"
     fold = next(p for p in listing["passes"] if p["name"] == "fold-constants")
     assert {o["name"] for o in fold["options"]} >= {"max_output_elements", "max_input_elements"}
 
