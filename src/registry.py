@@ -16,7 +16,7 @@ _BUILTIN: dict[str, str] = {
 }
 # alias -> the pipeline spec it expands to.
 _ALIASES: dict[str, str] = {
-    "simplify": "fold-constants,fold-batchnorm,cleanup,infer-shapes",
+    "simplify": "infer-shapes,fold-constants,fold-batchnorm,cleanup,infer-shapes",
 }
 _PASSES: dict[str, type[Pass]] = {}
 

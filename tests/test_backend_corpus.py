@@ -31,7 +31,7 @@ from onnx.backend.test.loader import load_model_tests
 
 import onnxopt
 
-PIPELINE = "fold-constants,fold-batchnorm,cleanup,infer-shapes"
+PIPELINE = "simplify"  # infer-shapes,fold-constants,fold-batchnorm,cleanup,infer-shapes
 MODEL_KINDS = ("simple", "pytorch-converted", "pytorch-operator")
 SKIPS_PATH = Path(__file__).with_name("backend_expected_skips.json")
 DATA_DIR = Path(onnx.backend.test.__file__).parent / "data"

@@ -22,8 +22,11 @@ class CleanupPass(Pass):
       1. ``identity``: Identity nodes are bypassed (graph outputs keep their names).
       2. ``dedup-initializers``: initializers with equal dtype, shape and bytes are merged; only
          those up to ``dedup_max_elements`` are compared, so large weights are never read.
-      3. ``cse``: nodes computing the same op on the same inputs are merged.
-      4. ``dead-nodes`` / ``unused-initializers``: whatever no output depends on is removed,
+      3. ``same-shape``: ``Shape`` of a value whose inferred shape (constants and symbolic dims;
+         shape inference names a dim alike only when it knows the dims are equal) equals that of
+         a value read earlier reuses that read, so the shape arithmetic after it merges too.
+      4. ``cse``: nodes computing the same op on the same inputs are merged.
+      5. ``dead-nodes`` / ``unused-initializers``: whatever no output depends on is removed,
          then unused functions and opset imports.
     """
 
@@ -39,6 +42,7 @@ class CleanupPass(Pass):
             ("dropout", _InferenceDropoutToIdentity()),
             ("identity", _IdentityElimination()),
             ("dedup-initializers", common.DeduplicateInitializersPass(self.dedup_max_elements)),
+            ("same-shape", _ShareShapeReads()),
             ("cse", common.CommonSubexpressionEliminationPass()),
             ("dead-nodes", common.RemoveUnusedNodesPass()),
             ("unused-functions", common.RemoveUnusedFunctionsPass()),
@@ -64,6 +68,40 @@ class CleanupPass(Pass):
             value.type = value.type or type_
             value.shape = value.shape or shape
         return PassResult(model, modified, counts=counts)
+
+
+class _ShareShapeReads(ir.passes.InPlacePass):
+    """Shape(b) -> Shape(a) when a and b have the same fully known (symbolic) shape."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for graph in (model.graph, *model.graph.subgraphs()):
+            first: dict[tuple, ir.Value] = {}
+            for node in list(graph):
+                key = _shape_key(node)
+                if key is None:
+                    continue
+                if key not in first:
+                    first[key] = node.outputs[0]
+                    continue
+                if node.outputs[0].is_graph_output():
+                    continue
+                ir.convenience.replace_all_uses_with(node.outputs[0], first[key])
+                graph.remove(node, safe=True)
+                modified = True
+        return ir.passes.PassResult(model, modified)
+
+
+def _shape_key(node: ir.Node) -> tuple | None:
+    """What a Shape node reads, when it is fully known: dims and start/end."""
+    if node.op_type != "Shape" or node.domain not in ("", "ai.onnx") or node.inputs[0] is None:
+        return None
+    shape = node.inputs[0].shape
+    if shape is None or any(isinstance(d, ir.SymbolicDim) and not d.value for d in shape):
+        return None
+    dims = tuple(d if isinstance(d, int) else f"sym:{d.value}" for d in shape)
+    bounds = (node.attributes.get_int("start", 0), node.attributes.get_int("end", len(dims)))
+    return dims, bounds
 
 
 class _InferenceDropoutToIdentity(ir.passes.InPlacePass):

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from conftest import FLOAT, assert_same_outputs, make_model, op_types, run
+import onnx_ir as ir
+from conftest import FLOAT, INT64, assert_same_outputs, make_model, op_types, run
 from onnx import helper
 
 from onnxopt.passes.cleanup import CleanupPass
@@ -99,3 +100,33 @@ def test_inference_dropout_is_removed_training_dropout_kept() -> None:
     assert result.counts["dropout"] == 2 and result.counts["identity"] == 2
     assert op_types(model) == ["Dropout", "Relu"]
     assert_same_outputs(before, run(model, _feeds()))
+
+
+def _two_shape_reads(b_shape):
+    nodes = [
+        helper.make_node("Relu", ["a"], ["r"]),
+        helper.make_node("Shape", ["r"], ["sa"]),
+        helper.make_node("Shape", ["b"], ["sb"]),
+        helper.make_node("Add", ["sa", "sb"], ["y"]),
+    ]
+    inputs = {"a": (FLOAT, ["n", 4]), "b": (FLOAT, b_shape)}
+    model = make_model(nodes, inputs, {"y": (INT64, [2])})
+    model.graph.node(0).outputs[0].shape = ir.Shape(["n", 4])  # as infer-shapes would say
+    return model
+
+
+def test_shape_reads_of_equal_symbolic_shapes_are_shared() -> None:
+    model = _two_shape_reads(["n", 4])
+    feeds = {"a": np.ones((3, 4), np.float32), "b": np.ones((3, 4), np.float32)}
+    before = run(model, feeds)
+    result = CleanupPass()(model)
+    assert result.counts["same-shape"] == 1
+    assert op_types(model).count("Shape") == 1
+    assert_same_outputs(before, run(model, feeds))
+
+
+def test_shape_reads_of_unknown_or_other_dims_stay_apart() -> None:
+    for b_shape in (["m", 4], [None, 4]):
+        model = _two_shape_reads(b_shape)
+        CleanupPass()(model)
+        assert op_types(model).count("Shape") == 2, b_shape
