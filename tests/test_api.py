@@ -229,10 +229,11 @@ def test_gs_pass_can_read_external_weights(external_model: Path) -> None:
 
 def test_gs_pass_reading_weights_keeps_them_external(external_model: Path) -> None:
     model, report = onnxopt.optimize(external_model, [read_weights()])
-    assert report.ok and report.passes[0].counts.get("weights-reattached", 0) in (0, 2)
+    assert report.ok
     assert all(
         isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()
     )
+    assert_same_outputs(run(model, FEEDS), run(small_model(), FEEDS))
 
 
 def test_gs_pass_can_rewrite_external_weights(external_model: Path) -> None:

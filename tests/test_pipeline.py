@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -9,6 +11,7 @@ from conftest import FLOAT, WHISPER, WHISPER_GOLDEN, make_model, op_types, run
 from onnx import helper
 
 from onnxopt import GoldenSet, Pass, PassResult, Pipeline, load
+from onnxopt.passes.cleanup import CleanupPass
 
 
 class ScaleWeight(Pass):
@@ -88,7 +91,7 @@ def test_failing_pass_is_rolled_back_with_first_diverging_tensor(tmp_path) -> No
     x = np.random.default_rng(2).standard_normal((3, 4)).astype(np.float32)
     before = run(model, {"x": x})
     pipeline = Pipeline(
-        [ScaleWeight(factor=3.0), Pass_cleanup()], reproducer_dir=tmp_path, reproducer_stem="m"
+        [ScaleWeight(factor=3.0), CleanupPass()], reproducer_dir=tmp_path, reproducer_stem="m"
     )
     result, report = pipeline.run(model)
     failed, cleanup = report.passes
@@ -103,14 +106,8 @@ def test_failing_pass_is_rolled_back_with_first_diverging_tensor(tmp_path) -> No
     assert (tmp_path / "m.before-test-scale-weight.golden" / "outputs.npz").is_file()
 
 
-def Pass_cleanup():
-    from onnxopt.passes.cleanup import CleanupPass
-
-    return CleanupPass()
-
-
 def test_keep_going_runs_the_rest() -> None:
-    _, report = Pipeline([ScaleWeight(), Pass_cleanup()], keep_going=True).run(_matmul_model())
+    _, report = Pipeline([ScaleWeight(), CleanupPass()], keep_going=True).run(_matmul_model())
     assert [p.status for p in report.passes] == ["failed", "ok"]
     assert report.exit_code == 0 and not report.ok
 
@@ -146,7 +143,7 @@ def test_approximate_pass_is_judged_by_its_budget() -> None:
 
 
 def test_exact_pass_after_approximate_compares_with_the_approximate_model() -> None:
-    passes = [Approximate(factor=1.01), Pass_cleanup()]
+    passes = [Approximate(factor=1.01), CleanupPass()]
     _, report = Pipeline(passes, keep_going=False).run(_matmul_model())
     assert [p.status for p in report.passes] == ["ok", "ok"]
 
@@ -154,7 +151,7 @@ def test_exact_pass_after_approximate_compares_with_the_approximate_model() -> N
 def test_report_json_round_trips(tmp_path) -> None:
     _, report = Pipeline("cleanup").run(_matmul_model())
     report.write(tmp_path / "r.json")
-    data = __import__("json").loads((tmp_path / "r.json").read_text())
+    data = json.loads((tmp_path / "r.json").read_text())
     assert data["passes"][0]["counts"] == {"identity": 1}
     assert data["ok"] is True and data["pipeline"] == "cleanup"
 
@@ -174,5 +171,5 @@ def test_reproducer_after_an_approximate_pass_expects_its_outputs(tmp_path) -> N
     repro = load(report.passes[1].reproducer["model"])
     for feeds, expected in zip(golden.inputs, golden.outputs, strict=True):
         np.testing.assert_array_equal(run(repro, feeds)["y"], expected["y"])
-    _, again = Pipeline([Pass_cleanup()], golden=golden).run(repro)
+    _, again = Pipeline([CleanupPass()], golden=golden).run(repro)
     assert again.ok
