@@ -13,10 +13,20 @@ _BUILTIN: dict[str, str] = {
     "infer-shapes": "onnxopt.passes.infer_shapes",
     "fold-batchnorm": "onnxopt.passes.fold_batchnorm",
     "lower": "onnxopt.passes.lower",
+    "fuse-layer-norm": "onnxopt.passes.fuse_layer_norm",
+    "fuse-rms-norm": "onnxopt.passes.fuse_rms_norm",
+    "fuse-gelu": "onnxopt.passes.fuse_gelu",
+    "fuse-attention": "onnxopt.passes.fuse_attention",
+    "fuse-skip-layer-norm": "onnxopt.passes.fuse_skip_layer_norm",
+    "fuse-bias": "onnxopt.passes.fuse_bias",
 }
 # alias -> the pipeline spec it expands to.
 _ALIASES: dict[str, str] = {
     "simplify": "infer-shapes,fold-constants,fold-batchnorm,cleanup,infer-shapes",
+    # Norms and GELU first (attention patterns see fused ops around them), then attention, then
+    # the residual Adds into skip-norms, then what bias Adds are left.
+    "fuse": "simplify,fuse-layer-norm,fuse-rms-norm,fuse-gelu,fuse-attention,"
+    "fuse-skip-layer-norm,fuse-bias,cleanup",
 }
 _PASSES: dict[str, type[Pass]] = {}
 

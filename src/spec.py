@@ -47,17 +47,29 @@ def parse(spec: str) -> list[Item]:
     return _Parser(spec).pipeline()
 
 
-def build(spec: str, _seen: tuple[str, ...] = ()) -> list[Pass]:
-    """Parse ``spec``, expand aliases, and instantiate each pass with its options."""
+def build(
+    spec: str, _seen: tuple[str, ...] = (), _inherited: dict[str, str | list[str]] | None = None
+) -> list[Pass]:
+    """Parse ``spec``, expand aliases, and instantiate each pass with its options.
+
+    Options given to an alias (``fuse(target=onnx-17)``) go to every pass it expands to that
+    has that option; an option none of them has is an error.
+    """
     passes: list[Pass] = []
     aliases = registry.aliases()
     for item in parse(spec):
         if item.name in aliases:
-            if item.options:
-                raise SpecError(f"alias '{item.name}' takes no options", spec, item.column)
             if item.name in _seen:
                 raise SpecError(f"alias '{item.name}' expands to itself", spec, item.column)
-            passes.extend(build(aliases[item.name], (*_seen, item.name)))
+            inherited = {**(_inherited or {}), **item.options}
+            expanded = build(aliases[item.name], (*_seen, item.name), inherited)
+            taken = {f.name for p in expanded for f in p.options()}
+            for key in item.options:
+                if key not in taken:
+                    column = item.option_columns.get(key, item.column)
+                    message = f"no pass in alias '{item.name}' has an option '{key}'"
+                    raise SpecError(message, spec, column)
+            passes.extend(expanded)
             continue
         pass_cls = registry.get_pass(item.name)
         if pass_cls is None:
@@ -65,8 +77,11 @@ def build(spec: str, _seen: tuple[str, ...] = ()) -> list[Pass]:
             close = difflib.get_close_matches(item.name, known, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else "; see 'onnxopt passes'"
             raise SpecError(f"unknown pass '{item.name}'{hint}", spec, item.column)
+        fields = {f.name for f in pass_cls.options()}
+        options = {k: v for k, v in (_inherited or {}).items() if k in fields}
+        options.update(item.options)
         try:
-            passes.append(pass_cls.from_options(item.options))
+            passes.append(pass_cls.from_options(options))
         except UsageError as err:
             column = _error_column(item, str(err))
             raise SpecError(str(err), spec, column) from None

@@ -73,7 +73,7 @@ def test_alias_expands_in_place() -> None:
         ("test-options(block=3", 21, "expected ')'"),
         ("test-options(block=3,block=4)", 22, "given twice"),
         ("cleanup,,fold-constants", 9, "expected a pass name"),
-        ("simplify(x=1)", 1, "takes no options"),
+        ("simplify(x=1)", 10, "no pass in alias 'simplify' has an option 'x'"),
         ("test-options(algo='abc", 19, "unterminated"),
         ("", 1, "empty pipeline"),
     ],
@@ -84,6 +84,14 @@ def test_errors_name_the_column(text: str, column: int, fragment: str) -> None:
     assert info.value.column == column
     assert fragment in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_alias_options_reach_every_pass_that_has_them() -> None:
+    registry.register_alias("test-alias-options", "fold-constants,cleanup,fold-constants")
+    passes = spec.build("test-alias-options(max_output_elements=7)")
+    assert [p.name for p in passes] == ["fold-constants", "cleanup", "fold-constants"]
+    assert passes[0].max_output_elements == passes[2].max_output_elements == 7
+    assert passes[1] == spec.build("cleanup")[0]
 
 
 def test_validation_in_post_init_is_a_usage_error() -> None:

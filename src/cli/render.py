@@ -105,12 +105,12 @@ def pass_listing() -> dict[str, Any]:
 def pass_listing_text(listing: dict[str, Any]) -> str:
     lines = ["passes:"]
     for p in listing["passes"]:
-        lines.append(f"  {p['name']:<18} {p['kind']:<12} {p['summary']}")
+        lines.append(f"  {p['name']:<20} {p['kind']:<12} {p['summary']}")
         for o in p["options"]:
-            lines.append(f"  {'':<18} {'':<12}   {o['name']}: {o['type']} = {o['default']}")
+            lines.append(f"  {'':<20} {'':<12}   {o['name']}: {o['type']} = {o['default']}")
     lines.append("aliases:")
     for name, expansion in listing["aliases"].items():
-        lines.append(f"  {name:<18} = {expansion}")
+        lines.append(f"  {name:<20} = {expansion}")
     return "\n".join(lines)
 
 
