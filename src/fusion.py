@@ -4,7 +4,7 @@ A fusion pass lists :class:`Fusion` entries in the order they should run. Entrie
 ``name`` are alternatives, best first (say, ``com.microsoft::Gelu`` for ORT, then ``Gelu-20``):
 the first whose created ops the target runs at the model's opset is applied, the others never.
 A fusion that fired zero times is traced once more (read-only) and its nearest miss, with the
-reason its ``check`` gave, goes into the pass notes, so a user sees why something stayed unfused.
+reason its ``check`` gave, goes into the result's ``misses``: why something stayed unfused.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ class FusionPass(Pass):
         target = load_target(self.target)
         counts: dict[str, int] = {}
         notes: list[str] = []
+        misses: list[str] = []
         chosen: dict[str, Fusion | None] = {}
         for fusion in self.fusions(target):
             if chosen.get(fusion.name) is not None:
@@ -80,11 +81,11 @@ class FusionPass(Pass):
                     model.opset_imports.setdefault(domain, 1)
                 add_count(counts, fusion.name, fired)
             else:
-                notes += near_misses(model, fusion)
+                misses += near_misses(model, fusion)
         for name, fusion in chosen.items():
             if fusion is None:
                 notes.append(f"{name}: skipped, {target.name} cannot run what it would create")
-        return PassResult(model, bool(counts), counts=counts, notes=notes)
+        return PassResult(model, bool(counts), counts=counts, notes=notes, misses=misses)
 
 
 def near_misses(model: ir.Model, fusion: Fusion) -> list[str]:

@@ -20,10 +20,14 @@ KINDS: tuple[str, ...] = get_args(Kind)
 
 @dataclasses.dataclass
 class PassResult(ir.passes.PassResult):
-    """What a pass did: ``modified``, how often each rule fired, and notes for the report."""
+    """What a pass did: ``modified``, how often each rule fired, notes, and near misses.
+
+    ``misses`` says why rules that almost matched did not fire (shown with ``--explain``).
+    """
 
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
+    misses: list[str] = dataclasses.field(default_factory=list)
 
 
 class Pass(ir.passes.InPlacePass):

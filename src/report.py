@@ -26,6 +26,7 @@ class PassReport:
     bytes_after: int = 0
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
+    misses: list[str] = dataclasses.field(default_factory=list)
     tolerance: str = ""
     metrics: dict[str, Any] | None = None
     reason: str = ""

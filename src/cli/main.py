@@ -158,6 +158,7 @@ def cli(debug: bool) -> None:
 @click.option("--golden", "golden_dir", type=click.Path(path_type=Path), help="Golden set folder.")
 @click.option("--no-verify", is_flag=True, help="Skip numeric checks (structure is checked).")
 @click.option("--keep-going", is_flag=True, help="Roll back failing passes and continue.")
+@click.option("--explain", is_flag=True, help="Say why rules that almost matched did not fire.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="JSON report.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option(
@@ -177,6 +178,7 @@ def run(
     golden_dir: Path | None,
     no_verify: bool,
     keep_going: bool,
+    explain: bool,
     report_path: Path | None,
     as_json: bool,
     external_data: bool | None,
@@ -218,7 +220,7 @@ def run(
     if as_json:
         click.echo(report.to_json())
     else:
-        click.echo(render.report_table(report))
+        click.echo(render.report_table(report, explain=explain))
     sys.exit(report.exit_code)
 
 

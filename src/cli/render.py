@@ -41,8 +41,8 @@ def _metric(entry: Any) -> str:
     return f"max|d| {max_abs:.2g}" if isinstance(max_abs, float) else f"max|d| {max_abs}"
 
 
-def report_table(report: Report) -> str:
-    """The per-pass table, then failures with their first diverging tensor and reproducer."""
+def report_table(report: Report, *, explain: bool = False) -> str:
+    """The per-pass table, pass notes (near misses too with ``explain``), then failures."""
     rows = [("pass", "kind", "status", "metric", "nodes", "weights", "time+check", "rules fired")]
     for p in report.passes:
         delta = p.nodes_after - p.nodes_before
@@ -65,6 +65,10 @@ def report_table(report: Report) -> str:
         for row in rows
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    for p in report.passes:
+        lines += [f"{p.spec}: {note}" for note in p.notes]
+        if explain:
+            lines += [f"{p.spec}: {miss}" for miss in p.misses]
     for p in report.failed:
         lines.append(f"{p.name} {p.status}: {p.reason} (rolled back)")
         if p.first_diverging:
