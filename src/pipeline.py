@@ -90,16 +90,21 @@ class Pipeline:
         else:
             golden = None
         reference = golden.outputs if golden else None
+        interface: Pass | None = None  # the last interface pass that held runs the model after it
         for index, pass_ in enumerate(self.passes):
             if self.progress:
                 self.progress(f"[{index + 1}/{len(self.passes)}] {pass_.to_spec()}")
-            entry, model, new_reference = self._run_one(pass_, model, golden, reference)
+            entry, model, new_reference = self._run_one(
+                pass_, model, golden, reference, interface
+            )
             report.passes.append(entry)
             if entry.status in ("failed", "error"):
                 if not self.keep_going:
                     break
             elif new_reference is not None and pass_.kind == "approximate":
                 reference = new_reference
+            if pass_.kind == "interface" and entry.status == "ok":
+                interface = pass_
         for pass_ in self.passes[len(report.passes) :]:
             report.passes.append(PassReport(pass_.name, pass_.to_spec(), pass_.kind))
         return model, report
@@ -110,6 +115,7 @@ class Pipeline:
         model: ir.Model,
         golden: GoldenSet | None,
         reference: list[dict[str, np.ndarray]] | None,
+        interface: Pass | None = None,
     ) -> tuple[PassReport, ir.Model, list[dict[str, np.ndarray]] | None]:
         entry = PassReport(pass_.name, pass_.to_spec(), pass_.kind)
         if golden is not None and reference is not None and pass_.kind != "approximate":
@@ -153,7 +159,8 @@ class Pipeline:
         tol = golden.tolerance(pass_.kind, self.tolerances.get(pass_.kind))
         entry.tolerance = tol.describe()
         try:
-            outputs = pass_.run_golden(model, golden.inputs)
+            runner = pass_ if pass_.kind == "interface" or interface is None else interface
+            outputs = runner.run_golden(model, golden.inputs)
             metrics = compare_all(golden.outputs, outputs, tol)
         except VerificationError as err:
             outputs, metrics = None, Metrics(passed=False, reason=str(err))

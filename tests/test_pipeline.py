@@ -62,6 +62,34 @@ class Approximate(ScaleWeight):
     kind = "approximate"
 
 
+class AddGainInput(Pass):
+    """An interface pass: a new graph input ``gain`` multiplies the output; run with gain 1."""
+
+    name = "test-gain-input"
+    kind = "interface"
+
+    def call(self, model):
+        gain = ir.Value(name="gain", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1]))
+        model.graph.inputs.append(gain)
+        out = model.graph.outputs[0]
+        mul = ir.node("Mul", [out, gain], name="gain_mul")
+        model.graph.append(mul)
+        mul.outputs[0].name, mul.outputs[0].dtype, mul.outputs[0].shape = (
+            "y_gain",
+            out.dtype,
+            out.shape,
+        )
+        model.graph.outputs[0] = mul.outputs[0]
+        return PassResult(model, True)
+
+    def run_golden(self, model, cases):
+        from onnxopt import ort_runner
+
+        ones = np.ones(1, np.float32)
+        outputs = ort_runner.run(model, [{**case, "gain": ones} for case in cases])
+        return [{"y": out["y_gain"]} for out in outputs]
+
+
 def _matmul_model():
     w = np.random.default_rng(1).standard_normal((4, 4)).astype(np.float32)
     nodes = [
@@ -146,6 +174,13 @@ def test_exact_pass_after_approximate_compares_with_the_approximate_model() -> N
     passes = [Approximate(factor=1.01), CleanupPass()]
     _, report = Pipeline(passes, keep_going=False).run(_matmul_model())
     assert [p.status for p in report.passes] == ["ok", "ok"]
+
+
+def test_passes_after_an_interface_pass_run_the_model_its_way() -> None:
+    passes = [AddGainInput(), CleanupPass()]
+    model, report = Pipeline(passes).run(_matmul_model())
+    assert [p.status for p in report.passes] == ["ok", "ok"]
+    assert op_types(model) == ["MatMul", "Relu", "Mul"]
 
 
 def test_report_json_round_trips(tmp_path) -> None:
