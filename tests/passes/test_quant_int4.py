@@ -1,0 +1,235 @@
+"""quant-int4: MatMul/Gemm weights to 4-bit blocks, as MatMulNBits or INT4 DequantizeLinear."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from conftest import FLOAT, WHISPER, WHISPER_GOLDEN, make_model, op_types, run
+from onnx import helper
+
+from onnxopt import model_io, optimize, spec
+from onnxopt.errors import UsageError
+from onnxopt.passes.quant_int4 import QuantInt4Pass
+from onnxopt.quant import blocks, kquant
+
+K, N = 96, 64
+
+
+def _matmul(rng, k=K, n=N, transposed=False, name="mm"):
+    w = rng.standard_normal((n, k) if transposed else (k, n)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "wt" if transposed else "w"], ["y"], name=name)]
+    if transposed:
+        nodes.insert(0, helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]))
+    return make_model(nodes, {"x": (FLOAT, [2, 5, k])}, {"y": (FLOAT, [2, 5, n])}, {"w": w}), w
+
+
+def _feeds(rng, k=K, shape=(2, 5)):
+    return {"x": rng.standard_normal((*shape, k)).astype(np.float32)}
+
+
+def _reference(w_kn: np.ndarray, **options) -> np.ndarray:
+    """W as the pass quantizes it by default (k-quant, magnitude importance), dequantized."""
+    quant = kquant.kquant(w_kn.T, bits=4, block=32, symmetric=True, importance="magnitude")
+    if options.get("algo") == "rtn":
+        quant = blocks.rtn(w_kn.T, bits=4, block=32, symmetric=True)
+    return quant.dequantize().T
+
+
+def test_matmul_becomes_matmul_nbits(rng):
+    model, w = _matmul(rng)
+    feeds = _feeds(rng)
+    result = QuantInt4Pass(accuracy_level=0)(model)
+    assert result.modified and result.counts == {"matmul": 1}
+    assert op_types(model) == ["MatMulNBits"]
+    node = next(iter(model.graph))
+    assert node.attributes["K"].value == K and node.attributes["N"].value == N
+    assert node.attributes["block_size"].value == 32 and node.attributes["bits"].value == 4
+    assert "w" not in model.graph.initializers
+    y = run(model, feeds)["y"]
+    np.testing.assert_allclose(y, feeds["x"] @ _reference(w), rtol=1e-4, atol=1e-4)
+    assert np.linalg.norm(y - feeds["x"] @ w) / np.linalg.norm(feeds["x"] @ w) < 0.1
+
+
+def test_transposed_weight_is_read_as_rows(rng):
+    model, w = _matmul(rng, transposed=True)
+    feeds = _feeds(rng)
+    result = QuantInt4Pass()(model)
+    assert result.counts == {"matmul-transposed": 1}
+    assert op_types(model) == ["MatMulNBits"]
+    np.testing.assert_allclose(run(model, feeds)["y"], feeds["x"] @ _reference(w.T), atol=1e-4)
+
+
+def test_shared_weight_quantized_once(rng):
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["a"], name="first"),
+        helper.make_node("MatMul", ["x", "w"], ["b"], name="second"),
+        helper.make_node("Add", ["a", "b"], ["y"]),
+    ]
+    model = make_model(nodes, {"x": (FLOAT, [3, K])}, {"y": (FLOAT, [3, N])}, {"w": w})
+    result = QuantInt4Pass()(model)
+    assert result.counts == {"matmul": 2}
+    packed = [n.inputs[1] for n in model.graph if n.op_type == "MatMulNBits"]
+    assert packed[0] is packed[1] and len(model.graph.initializers) == 2  # B and scales
+
+
+def _gemm(rng, *, trans_b: int, c_shape, alpha=1.0, beta=1.0, c_constant=True):
+    b = rng.standard_normal((N, K) if trans_b else (K, N)).astype(np.float32)
+    inits = {"b": b}
+    inputs = {"x": (FLOAT, [4, K])}
+    c = rng.standard_normal(c_shape).astype(np.float32)
+    if c_constant:
+        inits["c"] = c
+    else:
+        inputs["c"] = (FLOAT, list(c_shape))
+    node = helper.make_node(
+        "Gemm", ["x", "b", "c"], ["y"], transB=trans_b, alpha=alpha, beta=beta, name="gemm"
+    )
+    model = make_model([node], inputs, {"y": (FLOAT, [4, N])}, inits)
+    w_kn = b.T if trans_b else b
+    return model, w_kn, c
+
+
+@pytest.mark.parametrize(
+    ("trans_b", "c_shape", "alpha", "beta", "c_constant", "ops"),
+    [
+        (0, (N,), 1.0, 1.0, True, ["MatMulNBits"]),
+        (1, (1, N), 0.5, 2.0, True, ["MatMulNBits"]),
+        (1, (4, N), 1.0, 1.0, True, ["MatMulNBits", "Add"]),
+        (0, (4, N), 1.5, 0.5, False, ["MatMulNBits", "Mul", "Add"]),
+    ],
+)
+def test_gemm(rng, trans_b, c_shape, alpha, beta, c_constant, ops):
+    model, w_kn, c = _gemm(
+        rng, trans_b=trans_b, c_shape=c_shape, alpha=alpha, beta=beta, c_constant=c_constant
+    )
+    x = rng.standard_normal((4, K)).astype(np.float32)
+    feeds = {"x": x} if c_constant else {"x": x, "c": c}
+    result = QuantInt4Pass(accuracy_level=0)(model)
+    assert result.counts == {"gemm": 1} and op_types(model) == ops
+    expected = alpha * x @ _reference(w_kn) + beta * c
+    np.testing.assert_allclose(run(model, feeds)["y"], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_gemm_trans_a_is_skipped(rng):
+    b = rng.standard_normal((K, N)).astype(np.float32)
+    node = helper.make_node("Gemm", ["x", "b"], ["y"], transA=1, name="g")
+    model = make_model([node], {"x": (FLOAT, [K, 4])}, {"y": (FLOAT, [4, N])}, {"b": b})
+    result = QuantInt4Pass()(model)
+    assert not result.modified and result.counts == {"skipped-gemm-transA": 1}
+    assert op_types(model) == ["Gemm"]
+
+
+def test_small_excluded_and_odd_weights_stay_float(rng):
+    small = rng.standard_normal((16, 16)).astype(np.float32)
+    big = rng.standard_normal((K, N)).astype(np.float32)
+    cube = rng.standard_normal((1, K, N)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x16", "small"], ["a"], name="tiny"),
+        helper.make_node("MatMul", ["x", "big"], ["b"], name="/blocks.0/attn/q"),
+        helper.make_node("MatMul", ["x", "cube"], ["c"], name="batched"),
+        helper.make_node("MatMul", ["x", "x2"], ["d"], name="activations"),
+    ]
+    inputs = {"x16": (FLOAT, [2, 16]), "x": (FLOAT, [2, K]), "x2": (FLOAT, [K, N])}
+    outputs = {o: (FLOAT, None) for o in "abcd"}
+    model = make_model(nodes, inputs, outputs, {"small": small, "big": big, "cube": cube})
+    result = QuantInt4Pass(exclude=["*attn*"])(model)
+    assert not result.modified
+    assert result.counts == {"skipped-small": 1, "skipped-excluded": 1, "skipped-shape": 1}
+    assert len(result.misses) == 3 and any("tiny" in m for m in result.misses)
+    result = QuantInt4Pass(min_elements=0)(model)
+    assert result.counts == {"matmul": 2, "skipped-shape": 1}
+
+
+def test_ops_option_limits_the_targets(rng):
+    model, _, _ = _gemm(rng, trans_b=0, c_shape=(N,))
+    assert not QuantInt4Pass(ops=["MatMul"])(model).modified
+    assert QuantInt4Pass(ops=["Gemm"])(model).counts == {"gemm": 1}
+
+
+def test_options_change_the_output(rng):
+    def quantized(**options):
+        model, _ = _matmul(rng)
+        QuantInt4Pass(**options)(model)
+        node = next(iter(model.graph))
+        return node, {v.name: v.const_value.numpy() for v in model.graph.initializers.values()}
+
+    node, default = quantized()
+    assert len(node.inputs) == 3 and node.attributes["accuracy_level"].value == 4
+    _, rtn = quantized(algo="rtn")
+    assert not np.array_equal(default["w_q4"], rtn["w_q4"])
+    _, uniform = quantized(importance="uniform")
+    assert not np.array_equal(default["w_scales"], uniform["w_scales"])
+    node, _ = quantized(symmetric=False)
+    assert node.inputs[3].name == "w_zp"
+    node, tensors = quantized(block=64, accuracy_level=0)
+    assert node.attributes["block_size"].value == 64 and "accuracy_level" not in node.attributes
+    assert tensors["w_q4"].shape == (N, 2, 32)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_qdq_format_matches_matmul_nbits(rng, symmetric):
+    feeds = _feeds(rng)
+    model, _ = _matmul(rng, transposed=True)
+    nbits = model.clone()
+    result = QuantInt4Pass(format="qdq", symmetric=symmetric)(model)
+    assert result.counts == {"opset": 1, "matmul-transposed": 1}
+    assert model.opset_imports[""] == 21 and model.ir_version >= 10
+    assert op_types(model) == ["DequantizeLinear", "MatMul"]
+    data = model.graph.node(0).inputs[0].const_value
+    assert data.dtype == (ir.DataType.INT4 if symmetric else ir.DataType.UINT4)
+    QuantInt4Pass(symmetric=symmetric, accuracy_level=0)(nbits)
+    np.testing.assert_allclose(run(model, feeds)["y"], run(nbits, feeds)["y"], atol=1e-4)
+
+
+def test_qdq_gemm_trans_b_reads_k_by_n(rng):
+    model, w_kn, c = _gemm(rng, trans_b=1, c_shape=(N,))
+    x = rng.standard_normal((4, K)).astype(np.float32)
+    QuantInt4Pass(format="qdq")(model)
+    gemm = next(n for n in model.graph if n.op_type == "Gemm")
+    assert gemm.attributes["transB"].value == 0
+    np.testing.assert_allclose(run(model, {"x": x})["y"], x @ _reference(w_kn) + c, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"block": "24"}, "block"),
+        ({"accuracy_level": "7"}, "accuracy_level"),
+        ({"algo": "gptq"}, "algo"),
+        ({"ops": ["Conv"]}, "ops"),
+    ],
+)
+def test_bad_options(options, message):
+    with pytest.raises(UsageError, match=message):
+        QuantInt4Pass.from_options(options)
+
+
+def test_spec_round_trip():
+    text = "quant-int4(exclude=[*attn*,/blocks.0/*],algo=rtn,format=qdq)"
+    (built,) = spec.build(text)
+    assert isinstance(built, QuantInt4Pass) and built.exclude == ["*attn*", "/blocks.0/*"]
+    assert built.to_spec() == text
+
+
+def test_external_data_is_streamed_and_released(rng, tmp_path):
+    model, w = _matmul(rng, k=256, n=128)
+    path = model_io.save(model, tmp_path / "m.onnx", external_data=True)
+    lazy = model_io.load(path)
+    tensor = lazy.graph.initializers["w"].const_value
+    assert isinstance(tensor, ir.ExternalTensor)
+    QuantInt4Pass()(lazy)
+    assert "w" not in lazy.graph.initializers and tensor.raw is None  # the map is closed
+    out = model_io.save(lazy, tmp_path / "q.onnx")
+    feeds = _feeds(rng, k=256)
+    y = run(model_io.load(out), feeds)["y"]
+    assert np.linalg.norm(y - feeds["x"] @ w) / np.linalg.norm(feeds["x"] @ w) < 0.1
+
+
+def test_whisper_encoder_verified_in_the_pipeline():
+    _, report = optimize(WHISPER, [QuantInt4Pass()], golden=WHISPER_GOLDEN)
+    entry = report.passes[0]
+    assert entry.status == "ok" and entry.counts == {"matmul": 12}
+    assert entry.metrics["cosine"] > 0.995
+    assert entry.bytes_after < 0.4 * entry.bytes_before
