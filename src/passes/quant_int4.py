@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import logging
+from collections.abc import Callable
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -296,36 +297,68 @@ def to_matmul_nbits(
 ) -> int:
     """Every use becomes ``MatMulNBits(A, B, scales, [zero_points], bias)``."""
     graph, name = owner(target), target.weight.name
-    dtype = target.weight.const_value.dtype.numpy()
     tensors = packing.matmul_nbits(quant)
     b = add_initializer(graph, f"{name}_q{quant.bits}", ir.tensor(tensors["B"]))
-    scales = tensors["scales"].astype(dtype)
-    scale_values: dict[float, ir.Value] = {}
     zero_points = None
     if "zero_points" in tensors:
         zero_points = add_initializer(graph, f"{name}_zp", ir.tensor(tensors["zero_points"]))
-    k, n = quant.k, quant.n
-    attributes = {"K": k, "N": n, "bits": quant.bits, "block_size": quant.block}
+    attributes = {"K": quant.k, "N": quant.n, "bits": quant.bits, "block_size": quant.block}
     if accuracy_level:
         attributes["accuracy_level"] = accuracy_level
-    for use in target.uses:
-        node = use.node
-        alpha = node.attributes.get_float("alpha", 1.0) if use.rule == "gemm" else 1.0
-        if alpha not in scale_values:
-            scaled = ir.tensor((scales * dtype.type(alpha)).astype(dtype))
-            scale_values[alpha] = add_initializer(graph, f"{name}_scales", scaled)
-        inputs = [node.inputs[0], b, scale_values[alpha], zero_points]
-        bias, add_c = gemm_bias(node, n, dtype) if use.rule == "gemm" else (None, False)
-        if bias is not None:
-            inputs += [None, add_initializer(graph, f"{name}_bias", ir.tensor(bias))]
-        while inputs[-1] is None:
-            inputs.pop()
-        new = [ir.node("MatMulNBits", inputs, attributes, domain=MS_DOMAIN, name=node.name)]
-        if add_c:
-            new += _add_c(graph, node, new[0].outputs[0], dtype)
-        replace_node(node, new)
-        add_count(counts, use.rule, 1)
-    return sum(v.const_value.nbytes for v in (b, zero_points, *scale_values.values()) if v)
+
+    def inputs(a: ir.Value, scales: ir.Value, bias: ir.Value | None) -> list[ir.Value | None]:
+        return [a, b, scales, zero_points, None, bias]
+
+    fused = FusedOp("MatMulNBits", attributes, inputs)
+    return (
+        b.const_value.nbytes
+        + (zero_points.const_value.nbytes if zero_points else 0)
+        + (fused.replace_uses(target, tensors["scales"], counts))
+    )
+
+
+@dataclasses.dataclass
+class FusedOp:
+    """A com.microsoft op taking A, a quantized weight, its scales and a bias.
+
+    ``inputs(a, scales, bias)`` lists the op's inputs; trailing Nones are dropped.
+    """
+
+    op: str
+    attributes: dict
+    inputs: Callable[[ir.Value, ir.Value, ir.Value | None], list[ir.Value | None]]
+
+    def replace_uses(self, target: Target, scales: np.ndarray, counts: dict[str, int]) -> int:
+        """Replace every use; Gemm ``alpha`` scales the scales, ``beta * C`` becomes the bias.
+
+        Returns the bytes of the scales and biases added.
+        """
+        graph, name = owner(target), target.weight.name
+        dtype = target.weight.const_value.dtype.numpy()
+        scale_values: dict[float, ir.Value] = {}
+        added = 0
+        for use in target.uses:
+            node = use.node
+            alpha = node.attributes.get_float("alpha", 1.0) if use.rule == "gemm" else 1.0
+            if alpha not in scale_values:
+                scaled = ir.tensor((scales * dtype.type(alpha)).astype(dtype))
+                scale_values[alpha] = add_initializer(graph, f"{name}_scales", scaled)
+                added += scaled.nbytes
+            n = scales.shape[0]
+            bias, add_c = gemm_bias(node, n, dtype) if use.rule == "gemm" else (None, False)
+            bias_value = None
+            if bias is not None:
+                bias_value = add_initializer(graph, f"{name}_bias", ir.tensor(bias))
+                added += bias.nbytes
+            inputs = self.inputs(node.inputs[0], scale_values[alpha], bias_value)
+            while inputs[-1] is None:
+                inputs.pop()
+            new = [ir.node(self.op, inputs, self.attributes, domain=MS_DOMAIN, name=node.name)]
+            if add_c:
+                new += _add_c(graph, node, new[0].outputs[0], dtype)
+            replace_node(node, new)
+            add_count(counts, use.rule, 1)
+        return added
 
 
 def _add_c(graph: ir.Graph, node: ir.Node, y: ir.Value, dtype: np.dtype) -> list[ir.Node]:
@@ -353,10 +386,10 @@ def to_dequantize_linear(target: Target, quant: blocks.Blockwise, counts: dict[s
     if "zero_points" in tensors:
         zp = ir.PackedTensor(tensors["zero_points"], ir.DataType.UINT4, shape=[kb, n])
         inputs.append(add_initializer(graph, f"{name}_zp", zp))
-    return _wire_dequantized(target, inputs, {"axis": 0, "block_size": quant.block}, counts)
+    return wire_dequantized(target, inputs, {"axis": 0, "block_size": quant.block}, counts)
 
 
-def _wire_dequantized(
+def wire_dequantized(
     target: Target, inputs: list[ir.Value], attributes: dict, counts: dict[str, int]
 ) -> int:
     """Insert one DequantizeLinear per graph that uses the weight; each use reads ``[K, N]``."""

@@ -1,0 +1,81 @@
+"""Quantize constant MatMul/Gemm weights to 8 bits: MatMulNBits, int8 QDQ, or dynamic int8."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.pass_api import PassResult
+from onnxopt.passes.quant_int4 import (
+    FusedOp,
+    QuantInt4Pass,
+    Target,
+    add_initializer,
+    owner,
+    require_opset,
+    to_matmul_nbits,
+    weight_rows,
+    wire_dequantized,
+)
+from onnxopt.quant import blocks
+from onnxopt.registry import register_pass
+
+
+@register_pass
+class QuantInt8Pass(QuantInt4Pass):
+    """Quantize constant MatMul/Gemm weights to 8 bits (MatMulNBits, int8 QDQ or dynamic int8).
+
+    Finds, counts and skips weights exactly as ``quant-int4`` (rules ``matmul``,
+    ``matmul-transposed``, ``gemm``); the formats:
+      1. ``matmulnbits``: 8-bit blocks along K in ``com.microsoft::MatMulNBits`` (``algo``,
+         ``block``, ``symmetric`` and ``accuracy_level`` as in ``quant-int4``).
+      2. ``qdq``: int8 per output channel, ``DequantizeLinear(q, scale[N], axis=1)`` feeding the
+         original MatMul/Gemm (opset 13 or later; a lower opset is converted).
+      3. ``dynamic``: int8 per output channel in ``com.microsoft::DynamicQuantizeMatMul``; ORT
+         quantizes the activations to uint8 at run time and multiplies in integers.
+    """
+
+    name = "quant-int8"
+    bits: ClassVar[int] = 8
+    algo: Literal["rtn", "kquant"] = "rtn"
+    format: Literal["matmulnbits", "qdq", "dynamic"] = "matmulnbits"
+
+    def prepare(self, model: ir.Model, result: PassResult) -> bool:
+        if self.format == "qdq":
+            return require_opset(model, 13, result)
+        return super(QuantInt4Pass, self).prepare(model, result)
+
+    def rewrite(self, model: ir.Model, target: Target, counts: dict[str, int]) -> int:
+        rows = weight_rows(target)
+        if self.format == "matmulnbits":
+            return to_matmul_nbits(target, self.quantize(rows), self.accuracy_level, counts)
+        q, scales = blocks.per_channel_int8(rows)  # [N, K], [N]
+        if self.format == "qdq":
+            return _to_dequantize_linear(target, q, scales, counts)
+        return _to_dynamic(target, q, scales, counts)
+
+
+def _to_dequantize_linear(
+    target: Target, q: np.ndarray, scales: np.ndarray, counts: dict[str, int]
+) -> int:
+    """Every use reads ``DequantizeLinear(q[K, N], scales[N], axis=1)``."""
+    graph, name = owner(target), target.weight.name
+    dtype = target.weight.const_value.dtype.numpy()
+    inputs = [
+        add_initializer(graph, f"{name}_q8", ir.tensor(np.ascontiguousarray(q.T))),
+        add_initializer(graph, f"{name}_scales", ir.tensor(scales.astype(dtype))),
+    ]
+    return wire_dequantized(target, inputs, {"axis": 1}, counts)
+
+
+def _to_dynamic(target: Target, q: np.ndarray, scales: np.ndarray, counts: dict[str, int]) -> int:
+    """Every use becomes ``DynamicQuantizeMatMul(A, q[K, N], scales[N], -, bias)``."""
+    b = add_initializer(owner(target), f"{target.weight.name}_q8", ir.tensor(q.T.copy()))
+
+    def inputs(a: ir.Value, scale: ir.Value, bias: ir.Value | None) -> list[ir.Value | None]:
+        return [a, b, scale, None, bias]
+
+    fused = FusedOp("DynamicQuantizeMatMul", {}, inputs)
+    return b.const_value.nbytes + fused.replace_uses(target, scales, counts)
