@@ -1,0 +1,1 @@
+"""stream-attention: causal self-attention keeps past keys and values in caches."""
