@@ -269,6 +269,29 @@ def run_chunked(model: ir.Model, cases: list[dict[str, np.ndarray]]) -> list[dic
     return results
 
 
+def offline_difference(
+    offline: ir.Model,
+    streaming: ir.Model,
+    feeds: dict[str, np.ndarray],
+    chunks: list[int] | None = None,
+) -> float:
+    """The largest absolute difference between offline outputs and chunked streaming ones.
+
+    Every output of the offline model is compared, for each chunk size (by default those
+    ``run_chunked`` verifies with).
+    """
+    expected = RunnableModel(offline).run(feeds)
+    session = StreamingSession(streaming)
+    spec = session.spec
+    sizes = chunks or verification_chunks(spec.chunk, spec.frame_multiple, session.length(feeds))
+    worst = 0.0
+    for size in sizes:
+        actual = session.run(feeds, size)
+        for name, value in expected.items():
+            worst = max(worst, float(np.max(np.abs(actual[name] - value), initial=0.0)))
+    return worst
+
+
 def describe(spec: StreamSpec) -> list[str]:
     """Lines for ``inspect``: chunking, chunked I/O and states."""
     lines = [f"streaming: chunk {spec.chunk} frames (multiple of {spec.frame_multiple})"]
@@ -1188,7 +1211,11 @@ def feed_inputs(model: ir.Model) -> list[ir.Value]:
 
 
 class Probes:
-    """Two offline runs (batch 2 and 3, different lengths) exposing values a rewrite inspects."""
+    """Two offline runs (batch 2 and 3, different lengths) exposing values a rewrite inspects.
+
+    The model is copied when the probes are made (before any rewrite) and run on first use;
+    dims known from shape inference (fixed, or the batch symbol) need no run.
+    """
 
     def __init__(
         self,
@@ -1197,51 +1224,65 @@ class Probes:
         chunked: dict[str, int],
         batch: tuple[str, int] | None,
     ) -> None:
-        self.runs: list[dict[str, np.ndarray]] = [{}, {}]
         self.batches = [b for b, _ in _PROBES] if batch else [1, 1]
         self.lengths = [t for _, t in _PROBES]
+        self.batch_symbol = _batch_symbol(model, batch)
+        self._chunked, self._batch = chunked, batch
+        self._runs: list[dict[str, np.ndarray]] | None = None
         names = sorted(v.name for v in values if static_array(v) is None and v.name)
-        if names:
-            self._run(model, names, chunked, batch)
+        self._model = _exposing(model, names) if names else None
 
-    def _run(
-        self,
-        model: ir.Model,
-        names: list[str],
-        chunked: dict[str, int],
-        batch: tuple[str, int] | None,
-    ) -> None:
-        clone = model.clone()
-        produced = {v.name: v for node in clone.graph for v in node.outputs}
-        present = {v.name for v in clone.graph.outputs}
-        clone.graph.outputs.extend(produced[n] for n in names if n in produced and n not in present)
-        runnable = RunnableModel(clone)
-        rng = np.random.default_rng(0)
-        for index, (size, frames) in enumerate(zip(self.batches, self.lengths, strict=True)):
-            feeds = _probe_feeds(model, chunked, batch, size, frames, rng)
-            self.runs[index] = {**feeds, **runnable.run(feeds)}
+    def _run(self) -> list[dict[str, np.ndarray]]:
+        if self._runs is not None:
+            return self._runs
+        if self._model is None:
+            raise KeyError("nothing was probed")
+        try:
+            runnable = RunnableModel(self._model)
+            rng = np.random.default_rng(0)
+            self._runs = []
+            for size, frames in zip(self.batches, self.lengths, strict=True):
+                feeds = _probe_feeds(self._model, self._chunked, self._batch, size, frames, rng)
+                self._runs.append({**feeds, **runnable.run(feeds)})
+        except VerificationError as err:
+            message = f"cannot run the offline model to size states: {err}"
+            raise UnsupportedModelError(message) from None
+        return self._runs
 
     def value(self, value: ir.Value, run: int = 0) -> np.ndarray:
         const = static_array(value)
-        return const if const is not None else self.runs[run][value.name]
+        return const if const is not None else self._run()[run][value.name]
 
     def dim(self, value: ir.Value, axis: int) -> int | str:
         """A dim of ``value``: a fixed size, or ``batch``/``k*batch`` when it follows the batch."""
+        known = value.shape[axis] if value.shape is not None and axis < len(value.shape) else None
+        if isinstance(known, int):
+            return known
+        if self.batch_symbol is not None and _symbol(known) == self.batch_symbol:
+            return "batch"
         d1, d2 = self.value(value, 0).shape[axis], self.value(value, 1).shape[axis]
         return int(d1) if d1 == d2 else _batch_dim(value, d1, d2, self.batches)
 
     def state_shape(self, value: ir.Value, axis: int | None, frames: int | str) -> list[int | str]:
         """The shape of a state cut from ``value``: ``frames`` along ``axis``, batch symbolic."""
-        first, second = self.value(value, 0).shape, self.value(value, 1).shape
-        shape: list[int | str] = []
-        for i, (d1, d2) in enumerate(zip(first, second, strict=True)):
-            if i == axis:
-                shape.append(frames)
-            elif d1 == d2:
-                shape.append(int(d1))
-            else:
-                shape.append(_batch_dim(value, d1, d2, self.batches))
-        return shape
+        rank = len(value.shape) if value.shape is not None else self.value(value).ndim
+        return [frames if i == axis else self.dim(value, i) for i in range(rank)]
+
+
+def _exposing(model: ir.Model, names: list[str]) -> ir.Model:
+    """A copy of ``model`` that also outputs the values ``names``."""
+    clone = model.clone()
+    produced = {v.name: v for node in clone.graph for v in node.outputs}
+    present = {v.name for v in clone.graph.outputs}
+    clone.graph.outputs.extend(produced[n] for n in names if n in produced and n not in present)
+    return clone
+
+
+def _batch_symbol(model: ir.Model, batch: tuple[str, int] | None) -> str | None:
+    if batch is None:
+        return None
+    value = next(v for v in model.graph.inputs if v.name == batch[0])
+    return _symbol(value.shape[batch[1]])
 
 
 def _batch_dim(value: ir.Value, d1: int, d2: int, batches: list[int]) -> str:
@@ -1460,11 +1501,9 @@ def make_streaming(model: ir.Model, options: StreamPassBase) -> PassResult:
             "frames): a chunk must keep every strided layer aligned"
         )
     batch = batch_source(model, chunked)
-    rewrite = Rewrite(model, an, Probes(model, an.probes, chunked, batch), options)
-    if batch is not None:
-        rewrite.batch_symbol = _symbol(
-            model.graph.inputs[_input_index(model, batch[0])].shape[batch[1]]
-        )
+    probes = Probes(model, an.probes, chunked, batch)
+    rewrite = Rewrite(model, an, probes, options)
+    rewrite.batch_symbol = probes.batch_symbol
     for site in an.sites:
         _FAMILIES[site.family](site, rewrite)
     spec = StreamSpec(
@@ -1487,10 +1526,6 @@ def frame_multiple(an: Analysis) -> int:
     """The least chunk length keeping every strided layer aligned: the largest stride product."""
     rates = {info.rate for info in an.info.values() if isinstance(info, Timed)}
     return math.lcm(*rates) if rates else 1
-
-
-def _input_index(model: ir.Model, name: str) -> int:
-    return next(i for i, v in enumerate(model.graph.inputs) if v.name == name)
 
 
 def _output_axes(model: ir.Model, an: Analysis, states: set[str]) -> dict[str, int | None]:
