@@ -533,7 +533,7 @@ _UNARY = (  # noqa: SIM905 - a word list
     "Abs Acos Acosh Asin Asinh Atan Atanh Cast Ceil Celu Cos Cosh Dropout Elu Erf Exp Floor "
     "Gelu HardSigmoid HardSwish Identity IsInf IsNaN LeakyRelu Log Mish Neg Not Reciprocal "
     "Relu Round Selu Shrink Sigmoid Sign Sin Sinh Softplus Softsign Sqrt Tan Tanh "
-    "ThresholdedRelu Clip BatchNormalization QuantizeLinear DequantizeLinear Swish"
+    "ThresholdedRelu Clip Swish"
 ).split()
 _NARY = (  # noqa: SIM905 - a word list
     "Add Sub Mul Div Pow Mod Max Min Sum Mean And Or Xor Equal Less LessOrEqual Greater "
@@ -667,6 +667,23 @@ def _size(value: ir.Value) -> int | None:
     if value.shape is not None and all(isinstance(d, int) for d in value.shape):
         return int(np.prod(value.shape, dtype=np.int64))
     return None
+
+
+@rule("BatchNormalization", "QuantizeLinear", "DequantizeLinear")
+def _per_channel(node: ir.Node, an: Analysis) -> list[Info | None]:
+    """Parameters broadcast along one axis (the channels, or Q/DQ's ``axis``), not numpy-style."""
+    info = an.of(node.inputs[0])
+    if any(an.of(v) is not None for v in node.inputs[1:]):
+        raise NotStreamable(node, "has parameters computed from the frames")
+    if isinstance(info, Timed):
+        axis = _norm(int_attr(node, "axis", 1), info.rank)
+        scales = static_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        per_axis = node.op_type == "BatchNormalization" or (scales is not None and scales.size > 1)
+        if per_axis and axis in (info.axis, info.key_axis):
+            raise NotStreamable(node, "has a parameter per frame (time is its channel axis)")
+    elif isinstance(info, (Length, Positions)):
+        raise NotStreamable(node, "normalizes a value computed from the length")
+    return [info] + [None] * (len(node.outputs) - 1)
 
 
 @rule("Shape")
