@@ -17,11 +17,11 @@ from onnxopt.targets import Target
 SQRT_HALF = math.sqrt(0.5)  # erf(x / sqrt(2)) = erf(SQRT_HALF * x)
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 CUBIC = 0.044715
-# How far a constant may be from its exact value, relative: 1e-4 for 32/64-bit floats, one unit
-# in the last place for the 16-bit ones (their nearest value to sqrt(2) is 1.4140625).
+# How far a constant may be from its exact value, relative: 1e-4 for float, one unit in the last
+# place for the 16-bit floats (their nearest value to sqrt(2) is 1.4140625). The types are the
+# ones the fused ops run in: ORT has no double kernel for Gelu, FastGelu or BiasGelu.
 REL_TOL = {
     ir.DataType.FLOAT: 1e-4,
-    ir.DataType.DOUBLE: 1e-4,
     ir.DataType.FLOAT16: 2.0**-10,
     ir.DataType.BFLOAT16: 2.0**-8,
 }
@@ -269,7 +269,7 @@ class GeluShell(_Activation):
         result = pattern.MatchResult()
         dtype = _float_type(x, half)
         if dtype is None:
-            return result.fail(f"x '{x.name}' is {x.dtype}, not a float type", x)
+            return result.fail(f"x '{x.name}' is {x.dtype}, not float, float16 or bfloat16", x)
         probe = _Polynomial(x, dtype)
         for value, expected, role in ((half, 0.5, "the 0.5 factor"), (one, 1.0, "the 1 added")):
             if reason := _scalar_mismatch(value, expected, role, probe):
@@ -301,8 +301,10 @@ class SigmoidShell(_Activation):
 
     def check(self, context, x, arg, fn_out, **_) -> pattern.MatchResult:
         result = pattern.MatchResult()
-        dtype = _float_type(x, None) or ir.DataType.FLOAT  # Sigmoid takes float types only
-        found = self.argument(x, arg, dtype, fn_out)
+        dtype = _float_type(x, None)
+        if dtype is None and x.dtype is not None:
+            return result.fail(f"x '{x.name}' is {x.dtype}, not float, float16 or bfloat16", x)
+        found = self.argument(x, arg, dtype or ir.DataType.FLOAT, fn_out)
         if isinstance(found, str):
             return result.fail(found, arg)
         poly = found[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -26,7 +27,7 @@ class Graph:
 
     def __init__(self, dtype=FLOAT, constants: str = "init", swap: bool = False) -> None:
         self.dtype, self.constants, self.swap = dtype, constants, swap
-        self.np = np.float16 if dtype == FLOAT16 else np.float32
+        self.np = {FLOAT16: np.float16, TensorProto.DOUBLE: np.float64}.get(dtype, np.float32)
         self.nodes, self.inits, self.count = [], {}, 0
 
     def name(self) -> str:
@@ -256,6 +257,12 @@ def test_other_shapes_of_the_formula_are_left_alone() -> None:
     assert "the constant 's' has shape [16], not a scalar" in _misses(model)
 
 
+def test_double_is_left_alone() -> None:
+    for build in (erf_gelu, lambda g: g.op("Mul", "x", g.op("Sigmoid", "x"))):
+        g = Graph(dtype=TensorProto.DOUBLE)
+        assert "x 'x' is DOUBLE, not float, float16 or bfloat16" in _misses(g.model(build(g)))
+
+
 def test_a_shared_intermediate_blocks_the_fusion() -> None:
     g = Graph()
     y = erf_gelu(g)
@@ -287,12 +294,53 @@ def test_bias_of_another_length_stays_an_add(rng) -> None:
     assert "the bias has 1 elements, the MatMul output 32 columns" in "\n".join(result.misses)
 
 
-WHISPER = [GOLDEN / "whisper_encoder.onnx", GOLDEN / "whisper_encoder_dynamo.onnx"]
+ZOO = GOLDEN / "zoo"
+GELU_OPS = {"Gelu", "BiasGelu", "FastGelu"}
+# (model, exporter): the rules that fire on ORT CPU. Dynamo exports at opset 20 write Gelu-20
+# themselves (only its bias is left to take); gelu_new (GPT-2) is no Gelu-20, in either exporter.
+# The _kv and conformer_rotary variants have the same FFNs and are left out for time.
+ZOO_COUNTS = {
+    ("bert", "ts"): {"gelu-erf": 2, "bias-gelu": 2},
+    ("bert", "dynamo"): {"bias-gelu": 2},
+    ("whisper", "ts"): {"gelu-erf": 4, "bias-gelu": 2},  # 2 after convolutions, 2 in FFNs
+    ("whisper", "dynamo"): {"bias-gelu": 2},
+    ("wav2vec2", "ts"): {"gelu-erf": 6, "bias-gelu": 2},
+    ("wav2vec2", "dynamo"): {"bias-gelu": 2},
+    ("conformer", "ts"): {"gelu-erf": 9, "bias-gelu": 4},  # its GLUs stay Mul(a, Sigmoid(b))
+    ("conformer", "dynamo"): {"bias-gelu": 4},
+    ("parakeet", "ts"): {"silu": 6},
+    ("parakeet", "dynamo"): {"silu": 6},
+    ("gpt2", "ts"): {"gelu-tanh": 2},  # its Conv1D already is Gemm, with the bias
+    ("gpt2", "dynamo"): {"gelu-tanh": 2},
+    ("llama", "ts"): {"silu": 2},
+    ("llama", "dynamo"): {"silu": 2},
+}
 
 
-@pytest.mark.parametrize("path", WHISPER, ids=lambda p: p.stem)
-def test_whisper_encoder_gelus_fuse_and_match_golden(path) -> None:
-    """Two GELUs after the convolutions, one per FFN (with its Linear's bias)."""
+@pytest.mark.parametrize(("name", "exporter"), ZOO_COUNTS, ids=[f"{n}_{e}" for n, e in ZOO_COUNTS])
+def test_zoo_models_fuse_every_gelu(name, exporter) -> None:
+    path = ZOO / f"{name}_{exporter}.onnx"
+    if not path.is_file():
+        pytest.skip(f"{path} is not there")
+    golden = GoldenSet.load(path.with_suffix(".golden"))
+    model, report = Pipeline("fuse-gelu", golden=golden).run(load(path))
+    entry = report.passes[-1]
+    assert report.ok and entry.status == "ok", entry.reason
+    assert entry.counts == ZOO_COUNTS[name, exporter]
+    ops = op_types(model)
+    assert "Erf" not in ops and "Tanh" not in ops
+    inventory = _inventory(path.name)
+    assert sum(op in GELU_OPS for op in ops) == inventory["gelu"]
+    assert ops.count("QuickGelu") == inventory.get("silu", entry.counts.get("silu", 0))
+
+
+def _inventory(file: str) -> dict:
+    manifest = json.loads((ZOO / "manifest.json").read_text())
+    return next(m["inventory"] for m in manifest["models"] if m["file"] == file)
+
+
+def test_whisper_encoder_gelus_fuse_after_simplify() -> None:
+    path = GOLDEN / "whisper_encoder.onnx"
     golden = GoldenSet.load(path.with_suffix(".golden"))
     model, report = Pipeline("simplify,fuse-gelu", golden=golden).run(load(path))
     entry = report.passes[-1]
