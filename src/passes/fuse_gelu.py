@@ -64,7 +64,7 @@ class _Polynomial:
         if value is self.x:
             return {1: 1.0}
         if constant(value) is not None:
-            return {0: self._scalar(value)}
+            return {0: self.scalar(value)}
         node = value.producer()
         ops = ("Add", "Sub", "Mul", "Div", "Neg", "Pow")
         if node is None or node.domain not in ("", "ai.onnx") or node.op_type not in ops:
@@ -89,7 +89,8 @@ class _Polynomial:
             raise _NotPolynomial(f"'{node.name}' divides by '{b.name}', not by a constant")
         return _scale(p, 1.0 / q[0])
 
-    def _scalar(self, value: ir.Value) -> float:
+    def scalar(self, value: ir.Value) -> float:
+        """The constant's value, if it is a scalar that cannot raise the rank of x."""
         tensor = constant(value)
         shape = list(tensor.shape)
         rank = None if self.x.shape is None else len(self.x.shape)
@@ -180,7 +181,7 @@ def _scalar_mismatch(value: ir.Value, expected: float, role: str, p: _Polynomial
     if constant(value) is None:
         return f"{role} '{value.name}' is not a constant"
     try:
-        found = p._scalar(value)
+        found = p.scalar(value)
     except _NotPolynomial as err:
         return f"{role}: {err}"
     if not _close(found, expected, p.dtype):
@@ -188,7 +189,7 @@ def _scalar_mismatch(value: ir.Value, expected: float, role: str, p: _Polynomial
     return None
 
 
-def _only_feed(nodes: list[ir.Node], consumer: ir.Node) -> ir.Value | None:
+def _used_outside(nodes: list[ir.Node], consumer: ir.Node) -> ir.Value | None:
     """A value of ``nodes`` that something besides them and ``consumer`` reads, if any."""
     inside = {*nodes, consumer}
     for node in nodes:
@@ -208,16 +209,18 @@ class _Activation(pattern.RewriteRuleClassBase):
         self.emit = emit
         self._orphans: list[ir.Node] = []
 
-    def argument(self, x: ir.Value, arg: ir.Value, dtype: ir.DataType, fn_out: ir.Value):
-        """The argument's polynomial and walker, or the reason it does not qualify (a string)."""
+    def argument(
+        self, x: ir.Value, arg: ir.Value, dtype: ir.DataType, fn_out: ir.Value
+    ) -> Poly | str:
+        """The argument as a polynomial in x, or the reason it cannot be fused into."""
         walk = _Polynomial(x, dtype)
         try:
             poly = walk.of(arg)
         except _NotPolynomial as err:
             return f"the {self.fn.lower()} argument is not a polynomial of x: {err}"
-        if shared := _only_feed(walk.nodes, fn_out.producer()):
+        if shared := _used_outside(walk.nodes, fn_out.producer()):
             return f"'{shared.name}' in the {self.fn.lower()} argument has other uses"
-        return poly, walk
+        return poly
 
     def drop_argument(self, x: ir.Value, arg: ir.Value, *constants: ir.Value) -> None:
         """Mark the argument's nodes, and Constant nodes the rewrite stops reading, for removal."""
@@ -274,11 +277,11 @@ class GeluShell(_Activation):
         for value, expected, role in ((half, 0.5, "the 0.5 factor"), (one, 1.0, "the 1 added")):
             if reason := _scalar_mismatch(value, expected, role, probe):
                 return result.fail(reason, value)
-        found = self.argument(x, arg, dtype, fn_out)
-        if isinstance(found, str):
-            return result.fail(found, arg)
+        poly = self.argument(x, arg, dtype, fn_out)
+        if isinstance(poly, str):
+            return result.fail(poly, arg)
         mismatch = _erf_mismatch if self.fn == "Erf" else _tanh_mismatch
-        if reason := mismatch(found[0], dtype):
+        if reason := mismatch(poly, dtype):
             return result.fail(reason, arg)
         return result
 
@@ -304,10 +307,9 @@ class SigmoidShell(_Activation):
         dtype = _float_type(x, None)
         if dtype is None and x.dtype is not None:
             return result.fail(f"x '{x.name}' is {x.dtype}, not float, float16 or bfloat16", x)
-        found = self.argument(x, arg, dtype or ir.DataType.FLOAT, fn_out)
-        if isinstance(found, str):
-            return result.fail(found, arg)
-        poly = found[0]
+        poly = self.argument(x, arg, dtype or ir.DataType.FLOAT, fn_out)
+        if isinstance(poly, str):
+            return result.fail(poly, arg)
         if set(poly) != {1}:
             return result.fail(f"the sigmoid argument is {_show(poly)}, not alpha * x", arg)
         if self.silu and poly[1] != 1.0:
@@ -361,9 +363,14 @@ class FuseGeluPass(FusionPass):
             Fusion("gelu-erf", _gelu_rules("Erf", std_gelu), [("", "Gelu")], commute=True),
             Fusion("gelu-erf", _gelu_rules("Erf", _Op(MS, "Gelu")), [(MS, "Gelu")], commute=True),
             Fusion("gelu-tanh", _gelu_rules("Tanh", std_tanh), [("", "Gelu")], commute=True),
-            Fusion("gelu-tanh", _gelu_rules("Tanh", _Op(MS, "FastGelu")), [(MS, "FastGelu")], True),
+            Fusion(
+                "gelu-tanh",
+                _gelu_rules("Tanh", _Op(MS, "FastGelu")),
+                [(MS, "FastGelu")],
+                commute=True,
+            ),
             *[
-                Fusion(name, [SigmoidShell.rule(name, silu=silu, emit=emit)], creates, True)
+                Fusion(name, [SigmoidShell.rule(name, silu=silu, emit=emit)], creates, commute=True)
                 for name, silu in (("quick-gelu", False), ("silu", True))
                 for emit, creates in ((swish, [("", "Swish")]), (quick, [(MS, "QuickGelu")]))
             ],

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import FLOAT, assert_same_outputs, make_model, op_types, run
+from conftest import FLOAT, GOLDEN, assert_same_outputs, make_model, op_types, run
 from onnx import TensorProto, helper
 
+from onnxopt import load
 from onnxopt.passes.fuse_bias import FuseBiasPass
+from onnxopt.passes.infer_shapes import InferShapesPass
 
 MS = "com.microsoft"
 
@@ -158,3 +160,14 @@ def test_fast_gelu_with_a_bias_or_a_broadcast_add_keeps_the_add(rng) -> None:
         result = FuseBiasPass()(model)
         assert not result.modified and op_types(model) == ["MatMul", "Add", "FastGelu"]
         assert reason in "\n".join(result.misses)
+
+
+def test_3d_linear_bias_adds_of_a_zoo_model_are_left_to_ort() -> None:
+    path = GOLDEN / "zoo" / "bert_ts.onnx"
+    if not path.is_file():
+        pytest.skip(f"{path} is not there")
+    model = load(path)
+    InferShapesPass()(model)
+    result = FuseBiasPass()(model)
+    assert not result.modified
+    assert "has rank 3, Gemm needs 2" in "\n".join(result.misses)

@@ -6,9 +6,11 @@ import json
 import math
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 from conftest import FLOAT, GOLDEN, assert_same_outputs, make_model, op_types, run
 from onnx import TensorProto, helper
+from onnx.reference import ReferenceEvaluator
 
 from onnxopt import GoldenSet, Pipeline, load
 from onnxopt.passes.fuse_gelu import SQRT_2_OVER_PI, FuseGeluPass
@@ -154,6 +156,22 @@ def test_quick_gelu_and_silu(rng) -> None:
     result = _fuse(model, _feeds(rng))
     assert result.counts == {"silu": 1} and _domains(model) == ["com.microsoft::QuickGelu"]
     assert next(iter(model.graph)).attributes["alpha"].value == 1.0
+
+
+def test_swish_24_for_a_standard_target_at_opset_24(rng, tmp_path) -> None:
+    profile = tmp_path / "std24.json"
+    profile.write_text(json.dumps({"name": "std24", "standard_opset": 24}))
+    for alpha, fusion in ((1.702, "quick-gelu"), (None, "silu")):
+        g = Graph()
+        arg = g.op("Mul", "x", alpha) if alpha else "x"
+        model = g.model(g.op("Mul", "x", g.op("Sigmoid", arg)), opset=24)
+        feeds = _feeds(rng)
+        before = ReferenceEvaluator(ir.serde.serialize_model(model)).run(None, feeds)[0]
+        result = FuseGeluPass(target=str(profile))(model)
+        assert result.counts == {fusion: 1} and _domains(model) == ["Swish"]
+        assert next(iter(model.graph)).attributes["alpha"].value == pytest.approx(alpha or 1.0)
+        after = ReferenceEvaluator(ir.serde.serialize_model(model)).run(None, feeds)[0]
+        np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-7)
 
 
 def _linear(g: Graph, rng, bias_first: bool = True) -> str:
