@@ -153,7 +153,8 @@ def _erf_mismatch(p: Poly, dtype: ir.DataType) -> str | None:
     if set(p) != {1}:
         return f"the erf argument is {_show(p)}, not x / sqrt(2)"
     if not _close(p[1], SQRT_HALF, dtype):
-        return f"the erf argument is x / {1 / p[1]:.6g}, not x / sqrt(2) = x / {1 / SQRT_HALF:.6g}"
+        found = f"{_show(p)} = x / {1 / p[1]:.6g}"
+        return f"the erf argument is {found}, not x / sqrt(2) = x / {1 / SQRT_HALF:.6g}"
     return None
 
 
