@@ -47,9 +47,10 @@ def bias_mismatch(mm: ir.Value, b: ir.Value) -> str | None:
 
 
 def _last_dim(mm: ir.Value, matmul: ir.Node) -> int | None:
-    if mm.shape is not None:
-        last = mm.shape[-1] if len(mm.shape) else None
-        return last if isinstance(last, int) else None
+    """The number of columns of a MatMul output, from its shape or else from its weight's."""
+    last = mm.shape[-1] if mm.shape is not None and len(mm.shape) else None
+    if isinstance(last, int):
+        return last
     w = matmul.inputs[1]
     if w is not None and w.shape is not None and len(w.shape) >= 2:
         return w.shape[-1] if isinstance(w.shape[-1], int) else None
