@@ -43,6 +43,7 @@ from onnxopt.metrics import DEFAULT_TOLERANCES, compare
 from onnxopt.ort_runner import RunnableModel
 from onnxopt.pass_api import Pass, PassResult
 from onnxopt.passes.infer_shapes import InferShapesPass
+from onnxopt.registry import register_pass
 
 METADATA_KEY = "onnxopt.streaming"
 _MAX_CHUNKS = 256  # chunks per verification run; smaller chunk sizes are scaled up to keep this
@@ -479,11 +480,82 @@ class Analysis:
 
 
 def static_array(value: ir.Value | None) -> np.ndarray | None:
-    """The value's content if it is a constant (initializer or Constant node)."""
+    """The value's content if it is constant: an initializer, a Constant, or computed from them.
+
+    Exporters compute pads and shapes from constants (ConstantOfShape, Concat, Reshape...);
+    such small subgraphs are evaluated once (ONNX's reference evaluator) and remembered.
+    """
     if value is None:
         return None
     tensor = ir.convenience.get_const_tensor(value)
-    return None if tensor is None else tensor.numpy()
+    if tensor is not None:
+        return tensor.numpy()
+    if _FOLDED not in value.meta:
+        value.meta[_FOLDED] = _fold(value)
+    return value.meta[_FOLDED]
+
+
+_FOLDED = "onnxopt.streaming.folded"
+_FOLD_NODES, _FOLD_ELEMENTS = 64, 1 << 16
+
+
+def _fold(value: ir.Value) -> np.ndarray | None:
+    """Evaluate ``value`` when only constants feed it (a few small nodes); else None."""
+    graph, producer = value.graph, value.producer()
+    if graph is None or producer is None:
+        return None
+    nodes: list[ir.Node] = []
+    constants: dict[str, np.ndarray] = {}
+    stack = [producer]
+    while stack:
+        node = stack.pop()
+        if node in nodes:
+            continue
+        if len(nodes) >= _FOLD_NODES or node.graph is not graph or _has_subgraph(node):
+            return None
+        nodes.append(node)
+        for source in (v for v in node.inputs if v is not None):
+            tensor = ir.convenience.get_const_tensor(source)
+            if tensor is not None:
+                constants[source.name] = tensor.numpy()
+            elif source.producer() is None:
+                return None  # a graph input
+            else:
+                stack.append(source.producer())
+    if sum(a.size for a in constants.values()) > _FOLD_ELEMENTS:
+        return None
+    return _evaluate(graph, nodes, constants, value.name)
+
+
+def _has_subgraph(node: ir.Node) -> bool:
+    return any(
+        a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+        for a in node.attributes.values()
+    )
+
+
+def _evaluate(
+    graph: ir.Graph, nodes: list[ir.Node], constants: dict[str, np.ndarray], name: str
+) -> np.ndarray | None:
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    order = {node: i for i, node in enumerate(graph)}
+    protos = [ir.serde.serialize_node(n) for n in sorted(nodes, key=order.__getitem__)]
+    body = onnx.helper.make_graph(
+        protos,
+        "fold",
+        [],
+        [onnx.helper.make_value_info(name, onnx.TypeProto())],
+        [onnx.numpy_helper.from_array(a, n) for n, a in constants.items()],
+    )
+    opsets = [onnx.helper.make_opsetid(d, v) for d, v in graph.opset_imports.items()]
+    try:
+        return np.asarray(
+            ReferenceEvaluator(onnx.helper.make_model(body, opset_imports=opsets)).run(None, {})[0]
+        )
+    except Exception:  # anything the evaluator cannot do leaves the value unknown
+        return None
 
 
 def static_ints(value: ir.Value | None) -> list[int] | None:
@@ -1362,6 +1434,7 @@ class Rewrite:
         self.notes: list[str] = []
         self._names: set[str] = {v.name for v in _all_values(model) if v.name}
         self.batch_symbol: str | None = None
+        self.shared: dict[Any, Any] = {}  # values families build once and reuse
 
     def unique(self, name: str) -> str:
         base, index = name, 1
@@ -1565,3 +1638,21 @@ def _mark_time_dims(an: Analysis) -> None:
         if info.key_axis is not None:
             dims[info.key_axis] = None
         value.shape = ir.Shape(dims)
+
+
+@register_pass
+class StreamPass(StreamPassBase):
+    """Make a causal model streaming: RNN states, conv caches and attention caches alike.
+
+    Runs the rules of ``stream-rnn``, ``stream-conv`` and ``stream-attention`` together, as a
+    model mixing them (a conformer: attention and convs) only streams when all are rewritten.
+    """
+
+    name = "stream"
+    families = frozenset(FAMILY_PASSES)
+    left_context: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.left_context is not None and self.left_context < 0:
+            raise ValueError(f"left_context must be 0 or more, not {self.left_context}")

@@ -1,0 +1,227 @@
+"""stream-attention: causal self-attention gets key/value caches; chunked == offline."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from conftest import FLOAT, make_model
+from onnx import helper
+
+from onnxopt import Pipeline, UnsupportedModelError, UsageError
+from onnxopt.passes.stream_attention import StreamAttentionPass, band_of
+from onnxopt.streaming import StreamPass, StreamSpec, offline_difference
+
+D, HEADS, TMAX = 8, 2, 256
+
+
+class Graph:
+    """A tiny builder: ``g.op("MatMul", a, b)`` appends a node and returns its output name."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng, self.nodes, self.inits = rng, [], {}
+
+    def op(self, op_type: str, *inputs: str, name: str | None = None, **attrs) -> str:
+        out = f"v{len(self.nodes)}"
+        node_name = name or f"{op_type.lower()}{len(self.nodes)}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=node_name, **attrs))
+        return out
+
+    def const(self, array, name: str | None = None) -> str:
+        name = name or f"c{len(self.inits)}"
+        self.inits[name] = np.asarray(array)
+        return name
+
+    def weight(self, *shape: int) -> str:
+        return self.const((self.rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32))
+
+    def model(self, y: str, inputs: dict | None = None) -> ir.Model:
+        self.nodes.append(helper.make_node("Identity", [y], ["y"]))
+        inputs = inputs or {"x": (FLOAT, ["batch", "time", D])}
+        return make_model(self.nodes, inputs, {"y": (FLOAT, None)}, self.inits)
+
+
+def _length(g: Graph, x: str) -> str:
+    """The frame count of x[batch, time, D] as a 1-element vector (Shape -> Gather)."""
+    return g.op("Gather", g.op("Shape", x), g.const([1]))
+
+
+def _additive_tril(g: Graph, x: str) -> str:
+    """A [T, T] slice of a 0 / -inf lower-triangular buffer, as models register it."""
+    table = np.where(np.tril(np.ones((TMAX, TMAX), bool)), 0, -np.inf).astype(np.float32)
+    t = _length(g, x)
+    ends = g.op("Concat", t, t, axis=0)
+    return g.op("Slice", g.const(table, "tril"), g.const([0, 0]), ends)
+
+
+def _band_condition(g: Graph, x: str, left: int) -> str:
+    """keep[i, j] = 0 <= i - j < left, computed from Range over the length (bool [T, T])."""
+    t = g.op("Squeeze", _length(g, x), g.const([0]))
+    pos = g.op("Range", g.const(np.array(0)), t, g.const(np.array(1)))
+    diff = g.op(
+        "Sub",
+        g.op("Unsqueeze", pos, g.const([1])),
+        g.op("Unsqueeze", pos, g.const([0])),
+    )
+    past = g.op("Not", g.op("Less", diff, g.const(np.array(0))))
+    near = g.op("Less", diff, g.const(np.array(left)))
+    return g.op("And", past, near)
+
+
+def _attention(g: Graph, x: str, mask: str | None, kind: str = "add", name: str = "attn") -> str:
+    """Multi-head self-attention on x[batch, time, D], heads split by Reshape/Transpose."""
+    dh = D // HEADS
+    heads = g.const([0, 0, HEADS, dh])
+    q, k, v = (g.op("Reshape", g.op("MatMul", x, g.weight(D, D)), heads) for _ in range(3))
+    q = g.op("Transpose", q, perm=[0, 2, 1, 3])
+    kt = g.op("Transpose", k, perm=[0, 2, 3, 1])
+    v = g.op("Transpose", v, perm=[0, 2, 1, 3])
+    scores = g.op("MatMul", q, kt, name=f"{name}/scores")
+    scores = g.op("Mul", scores, g.const(np.array(dh**-0.5, np.float32)))
+    if mask is not None and kind == "add":
+        scores = g.op("Add", scores, mask, name=f"{name}/mask")
+    elif mask is not None:
+        fill = g.const(np.array(-np.inf, np.float32))
+        scores = g.op("Where", mask, scores, fill, name=f"{name}/mask")
+    probs = g.op("Softmax", scores, axis=-1, name=f"{name}/softmax")
+    out = g.op("Transpose", g.op("MatMul", probs, v), perm=[0, 2, 1, 3])
+    return g.op("MatMul", g.op("Reshape", out, g.const([0, 0, D])), g.weight(D, D))
+
+
+def _block(g: Graph, x: str, mask: str | None, kind: str = "add") -> str:
+    """Pre-norm transformer block: x + attn(LN(x)); then x + FFN(LN(x))."""
+    scale, bias = g.const(np.ones(D, np.float32)), g.const(np.zeros(D, np.float32))
+    h = g.op("Add", x, _attention(g, g.op("LayerNormalization", x, scale, bias), mask, kind))
+    ffn = g.op("MatMul", g.op("Relu", g.op("MatMul", h, g.weight(D, 2 * D))), g.weight(2 * D, D))
+    return g.op("Add", h, ffn)
+
+
+def _causal_transformer(rng) -> ir.Model:
+    g = Graph(rng)
+    return g.model(_block(g, "x", _additive_tril(g, "x")))
+
+
+def _streamed(model: ir.Model, pass_) -> tuple[ir.Model, object]:
+    result, report = Pipeline([pass_]).run(model)
+    entry = report.passes[0]
+    assert entry.status == "ok", entry.reason
+    assert entry.metrics["max_abs"] < 1e-4
+    return result, entry
+
+
+def _x(rng, frames: int, batch: int = 2, width: int = D) -> dict[str, np.ndarray]:
+    return {"x": rng.standard_normal((batch, frames, width)).astype(np.float32)}
+
+
+def test_causal_transformer_block_gets_growing_caches(rng) -> None:
+    model = _causal_transformer(rng)
+    result, entry = _streamed(model, StreamAttentionPass(chunk=4))
+    assert entry.counts == {"attention-cache": 1}
+    states = {s.input: s for s in StreamSpec.read(result).states}
+    assert set(states) == {"attn/scores.k_in", "attn/scores.v_in", "stream.position_in"}
+    assert states["attn/scores.k_in"].shape == ["batch", HEADS, D // HEADS, "past"]
+    assert states["attn/scores.k_in"].grow_axis == 3  # K^T: keys along the last axis
+    assert states["attn/scores.v_in"].grow_axis == 2
+    assert (
+        states["stream.position_in"].shape == [] and states["stream.position_in"].dtype == "int64"
+    )
+    assert "tril" not in result.graph.initializers  # the offline mask is gone
+    assert offline_difference(model, result, _x(rng, 50), chunks=[1, 4, 7, 64]) < 1e-5
+
+
+def test_banded_mask_keeps_fixed_caches_of_its_left_context(rng) -> None:
+    g = Graph(rng)
+    model = g.model(_block(g, "x", _band_condition(g, "x", left=5), kind="where"))
+    result, entry = _streamed(model, StreamAttentionPass(chunk=4))
+    spec = StreamSpec.read(result)
+    k_in = next(s for s in spec.states if s.input.endswith("k_in"))
+    assert k_in.shape == ["batch", HEADS, D // HEADS, 4] and k_in.grow_axis is None
+    assert "left context 4 frames" in entry.notes[0]
+    assert offline_difference(model, result, _x(rng, 41), chunks=[1, 3, 4, 16]) < 1e-5
+
+
+def test_left_context_caps_the_caches(rng) -> None:
+    model = _causal_transformer(rng)
+    # golden lengths (16, 23) outgrow 5 frames of context: streaming differs from offline
+    _, report = Pipeline([StreamAttentionPass(chunk=4, left_context=5)]).run(model.clone())
+    assert report.passes[0].status == "failed"
+    result = StreamAttentionPass(chunk=4, left_context=30)(model.clone()).model
+    k_in = next(s for s in StreamSpec.read(result).states if s.input.endswith("k_in"))
+    assert k_in.shape[-1] == 30 and k_in.grow_axis is None
+    assert offline_difference(model, result, _x(rng, 31), chunks=[2, 4, 31]) < 1e-5
+    with pytest.raises(UsageError, match="left_context"):
+        StreamAttentionPass.from_options({"left_context": "-1"})
+
+
+def _conformer(rng, left: int = 6, kernel: int = 5) -> ir.Model:
+    """FFN/2, banded self-attention, and a conv module (GLU, causal depthwise conv, BN, swish)."""
+    g = Graph(rng)
+    x = g.op("Add", "x", g.op("Mul", g.op("MatMul", "x", g.weight(D, D)), g.const(np.float32(0.5))))
+    x = g.op("Add", x, _attention(g, x, _band_condition(g, x, left), kind="where", name="mhsa"))
+    c = g.op("Transpose", x, perm=[0, 2, 1])
+    c = g.op("Conv", c, g.weight(2 * D, D, 1), name="pointwise1")
+    a = g.op("Split", c, g.const([D, D]), axis=1)
+    g.nodes[-1].output.append("gate")  # GLU: a * sigmoid(gate)
+    c = g.op("Mul", a, g.op("Sigmoid", "gate"))
+    c = g.op("Conv", c, g.weight(D, 1, kernel), group=D, pads=[kernel - 1, kernel - 1], name="dw")
+    c = g.op("Slice", c, g.const([0]), g.const([-(kernel - 1)]), g.const([2]), name="chomp")
+    ones, zeros = g.const(np.ones(D, np.float32)), g.const(np.zeros(D, np.float32))
+    c = g.op("BatchNormalization", c, ones, zeros, g.weight(D), ones)
+    c = g.op("Mul", c, g.op("Sigmoid", c))
+    c = g.op("Conv", c, g.weight(D, D, 1), name="pointwise2")
+    return g.model(g.op("Add", x, g.op("Transpose", c, perm=[0, 2, 1])))
+
+
+def test_conformer_block_streams_with_the_stream_pass(rng) -> None:
+    model = _conformer(rng)
+    with pytest.raises(UsageError, match=r"'dw' \(Conv\) keeps past frames; it needs stream-conv"):
+        StreamAttentionPass()(model.clone())
+    result, entry = _streamed(model, StreamPass(chunk=8))
+    assert entry.counts == {"attention-cache": 1, "conv-cache": 1}
+    shapes = {s.input: s.shape for s in StreamSpec.read(result).states}
+    assert shapes["dw.cache_in"] == ["batch", D, 4]
+    assert shapes["mhsa/scores.v_in"] == ["batch", HEADS, 5, D // HEADS]
+    assert offline_difference(model, result, _x(rng, 45), chunks=[1, 5, 8]) < 1e-5
+
+
+def test_attention_without_a_mask_is_refused(rng) -> None:
+    g = Graph(rng)
+    model = g.model(_block(g, "x", None))
+    with pytest.raises(UnsupportedModelError, match=r"'attn/softmax' \(Softmax\) attends to every"):
+        StreamAttentionPass()(model)
+
+
+def test_masks_that_see_the_future_are_refused(rng) -> None:
+    """keep[i, j] = |i - j| < 3: each frame sees 2 frames ahead."""
+    g = Graph(rng)
+    t = g.op("Squeeze", _length(g, "x"), g.const([0]))
+    pos = g.op("Range", g.const(np.array(0)), t, g.const(np.array(1)))
+    diff = g.op("Sub", g.op("Unsqueeze", pos, g.const([1])), g.op("Unsqueeze", pos, g.const([0])))
+    keep = g.op("Less", g.op("Abs", diff), g.const(np.array(3)))
+    model = g.model(_attention(g, "x", keep, kind="where"))
+    with pytest.raises(UnsupportedModelError, match=r"'attn/mask' \(Where\) .*not causal"):
+        StreamAttentionPass()(model)
+
+
+def test_position_dependent_biases_and_tables_are_refused(rng) -> None:
+    g = Graph(rng)
+    bias = g.op("Add", _additive_tril(g, "x"), g.const(np.float32(0.5)))  # not just 0 / -inf
+    model = g.model(_attention(g, "x", bias))
+    with pytest.raises(UnsupportedModelError, match="position-dependent bias"):
+        StreamAttentionPass()(model)
+    g = Graph(rng)
+    table = g.const(rng.standard_normal((TMAX, D)).astype(np.float32))
+    t = _length(g, "x")
+    positions = g.op("Slice", table, g.const([0]), t, g.const([0]))  # pe[:T]
+    x = g.op("Add", "x", positions, name="add_positions")
+    model = g.model(_attention(g, x, _additive_tril(g, "x")))
+    with pytest.raises(UnsupportedModelError, match=r"'add_positions'.*absolute position"):
+        StreamAttentionPass()(model)
+
+
+def test_band_of_reads_left_context() -> None:
+    i, j = np.indices((6, 6))
+    assert band_of(j <= i) is None
+    assert band_of((j <= i) & (i - j < 2)) == 2
+    with pytest.raises(ValueError, match="not causal"):
+        band_of(np.abs(i - j) < 2)
