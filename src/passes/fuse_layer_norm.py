@@ -38,11 +38,20 @@ class Norm:
         """A scale or bias as an op input; a new array becomes an initializer."""
         if isinstance(array_or_value, ir.Value):
             return array_or_value
-        name = f"{self.out.name}_{what}"
-        return op.initializer(ir.tensor(array_or_value, name=name), name=name)
+        return new_initializer(op, array_or_value, self.out, what)
 
 
 # --- helpers shared by the normalization fusions ---------------------------------------------
+
+
+def new_initializer(op, array: np.ndarray, near: ir.Value, what: str) -> ir.Value:
+    """An initializer named after ``near`` (a value of the graph), unique among initializers."""
+    taken = near.graph.initializers if near.graph is not None else {}
+    name, count = f"{near.name}_{what}", 0
+    while name in taken:
+        count += 1
+        name = f"{near.name}_{what}{count}"
+    return op.initializer(ir.tensor(array, name=name), name=name)
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
@@ -114,12 +123,13 @@ def precision_problem(x: ir.Value, stats: ir.Value, dtypes: tuple[ir.DataType, .
     if x.dtype not in dtypes:
         return f"the input {x.name} is {x.dtype}, not one of {', '.join(map(str, dtypes))}"
     if stats.dtype == FLOAT or (x.dtype in HALF and stats.dtype in (DOUBLE, x.dtype)):
-        return None  # the same, or less precise than float: fusing computes it at least as well
+        return None  # float: the same; for a half result float is as good as double, or better
+
     return f"statistics in {stats.dtype} for a {x.dtype} input; the fused op computes in float"
 
 
 def uncast(xc: ir.Value, dtype: ir.DataType | None) -> ir.Value:
-    """The input of a Cast that widens a ``dtype`` value for the statistics; else ``xc``."""
+    """The input of a Cast from ``dtype`` (the result's type) that ``xc`` is; else ``xc``."""
     node = xc.producer()
     if (
         node is not None
@@ -204,7 +214,10 @@ def normalized_forms(op, dc, std, one, *, last: int | None = None, name: str | N
     With ``last`` set, only that form of the final node: ``0`` Div, ``1`` Mul(dc, inv),
     ``2`` Mul(inv, dc) (onnxscript cannot match an alternative as a pattern's last node).
     """
-    inv = lambda: pattern.OrValue([op.Reciprocal(std), op.Div(one, std)])  # noqa: E731
+
+    def inv():
+        return pattern.OrValue([op.Reciprocal(std), op.Div(one, std)])
+
     builders = [
         lambda **o: op.Div(dc, std, **o),
         lambda **o: op.Mul(dc, inv(), **o),
@@ -252,8 +265,14 @@ def match_norm(
     if isinstance(axis, str):
         return result.fail(axis, var.producer())
     mean = vals.get("mean")
-    if mean is not None and norm_axis(mean.producer(), rank) != axis:
-        return result.fail("the mean and the variance reduce different axes", mean.producer())
+    mean_axis = axis if mean is None else norm_axis(mean.producer(), rank)
+    if mean_axis != axis:
+        reason = (
+            mean_axis
+            if isinstance(mean_axis, str)
+            else "the mean and the variance reduce different axes"
+        )
+        return result.fail(reason, mean.producer())
     for name, expected in (("two", 2.0), ("one", 1.0)):
         if vals.get(name) is not None and scalar(vals[name], rank) != expected:
             return result.fail(

@@ -10,6 +10,7 @@ from onnxopt.fusion import Fusion, FusionPass
 from onnxopt.pass_api import PassResult
 from onnxopt.passes.fuse_layer_norm import (
     ensure_types,
+    new_initializer,
     rank_of,
     remove_dead_nodes,
     same_dim,
@@ -111,16 +112,15 @@ class _Skip(pattern.RewriteRuleClassBase):
             if problem:
                 return result.fail(problem, value if isinstance(value, ir.Value) else s)
         sum_read = read_elsewhere(s, nodes)
-        self._fused = (order, params, epsilon, out.name, s if sum_read else None)
+        self._fused = (order, params, epsilon, out, s if sum_read else None)
         return result
 
     def rewrite(self, op, **_):
-        order, params, epsilon, stem, sum_read = self._fused
+        order, params, epsilon, out, sum_read = self._fused
         inputs = list(order)
         for what, value in params.items():
             if isinstance(value, np.ndarray):
-                name = f"{stem}_{what}"
-                value = op.initializer(ir.tensor(value, name=name), name=name)
+                value = new_initializer(op, value, out, what)
             inputs.append(value)
         while inputs[-1] is None:
             inputs.pop()
@@ -135,8 +135,8 @@ class _Skip(pattern.RewriteRuleClassBase):
 
 def expose_sums(model: ir.Model) -> None:
     """Point the other readers of each fused residual sum at the fused op's sum output."""
-    moved = False
-    for node in model.graph:
+    moved: set[ir.Graph] = set()
+    for node in model.graph.all_nodes():
         if node.domain == _MS and len(node.outputs) == 4:
             new, old = node.outputs[3], node.outputs[3].meta.pop(_REPLACES, None)
             if old is None:
@@ -144,9 +144,9 @@ def expose_sums(model: ir.Model) -> None:
             new.type, new.shape = old.type, old.shape
             new.name, old.name = old.name, f"{old.name}_unfused"  # a graph output keeps its name
             old.replace_all_uses_with(new, replace_graph_outputs=True)
-            moved = True
-    if moved:
-        model.graph.sort()  # a reader may sit before the norm the fused op replaced
+            moved.add(node.graph)
+    for graph in moved:
+        graph.sort()  # a reader may sit before the norm the fused op replaced
 
 
 def _norm_node_problem(node: ir.Node, s: ir.Value) -> str | None:
