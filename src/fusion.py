@@ -26,12 +26,17 @@ _NEAR_MISS_NODES = 2  # a traced match must get this far (or reach ``check``) to
 
 @dataclasses.dataclass(frozen=True)
 class Fusion:
-    """A named rewrite: its onnxscript rules and the ops (domain, op type) they create."""
+    """A named rewrite: its onnxscript rules and the ops (domain, op type) they create.
+
+    ``anchors``: op types of which the graph must hold at least one for the rules to be tried
+    (say ``Erf`` for the exact GELU); empty means always try.
+    """
 
     name: str
     rules: Sequence[pattern.RewriteRule]
     creates: Sequence[tuple[str, str]]
     commute: bool = False
+    anchors: Sequence[str] = ()
 
     def rule_set(self) -> pattern.RewriteRuleSet:
         return pattern.RewriteRuleSet(list(self.rules), commute=self.commute)
@@ -66,6 +71,8 @@ class FusionPass(Pass):
         for fusion in self.fusions(target):
             if chosen.get(fusion.name) is not None:
                 continue  # a better alternative was applied
+            if fusion.anchors and not _has_op(model, fusion.anchors):
+                continue
             lacking = [
                 f"{d}::{op}" if d else op
                 for d, op in fusion.creates
@@ -88,11 +95,21 @@ class FusionPass(Pass):
         return PassResult(model, bool(counts), counts=counts, notes=notes, misses=misses)
 
 
+def _has_op(model: ir.Model, op_types: Sequence[str]) -> bool:
+    wanted = set(op_types)
+    return any(node.op_type in wanted for node in model.graph.all_nodes())
+
+
 def near_misses(model: ir.Model, fusion: Fusion) -> list[str]:
-    """For a fusion that never fired: the best partial match of each rule, and why it failed."""
+    """For a fusion that never fired: the best partial match of each rule, and why it failed.
+
+    Misses that reached a rule's ``check`` (the pattern matched, a condition did not hold) are
+    preferred over partial pattern matches; each distinct (node, reason) is reported once,
+    however many commuted copies of a rule reached it.
+    """
     tracer = MatchingTracer()
     fusion.rule_set().apply_to_model(model, tracer=tracer)
-    notes = []
+    found: dict[tuple[str, str], tuple[bool, str]] = {}
     for rule, matches in tracer.best_matches_map.items():
         misses = [m for m in matches if m.status != MatchStatus.SUCCESS]
         if not misses:
@@ -101,8 +118,12 @@ def near_misses(model: ir.Model, fusion: Fusion) -> list[str]:
         reached_check = best.status == MatchStatus.CONDITION_FAILED
         if not reached_check and len(best.match_result.nodes) < _NEAR_MISS_NODES:
             continue
-        reason = best.match_result.reason or "the pattern did not match"
+        reason = " ".join((best.match_result.reason or "the pattern did not match").split())
         where = f"node '{best.root_node.name}' ({best.root_node.op_type})"
         label = fusion.name if len(fusion.rules) == 1 else f"{fusion.name}/{rule.name or '?'}"
-        notes.append(f"{label}: not fused at {where}: {' '.join(reason.split())}")
-    return notes
+        found.setdefault(
+            (where, reason), (reached_check, f"{label}: not fused at {where}: {reason}")
+        )
+    if any(checked for checked, _ in found.values()):
+        return [text for checked, text in found.values() if checked]
+    return [text for _, text in found.values()]

@@ -99,6 +99,21 @@ def test_a_near_miss_says_why() -> None:
     assert result.misses[0].endswith("softmax axis 0 is not the last axis")
 
 
+def test_a_fusion_without_its_anchor_op_in_the_graph_is_not_tried() -> None:
+    class Anchored(_Toy):
+        name = "test-toy-anchored"
+
+        def fusions(self, target: Target) -> list[Fusion]:
+            return [
+                Fusion("log-softmax", [_LogSoftmax.rule()], [("", "LogSoftmax")], anchors=["Tanh"])
+            ]
+
+    model = _model(axis=0)
+    result = Anchored()(model)
+    assert (result.counts, result.notes, result.misses) == ({}, [], [])
+    assert op_types(model) == ["Softmax", "Log", "Transpose", "MatMul"]
+
+
 def test_can_emit_needs_the_op_in_the_models_opset() -> None:
     model = _model()
     ort = load_target("ort-cpu")

@@ -239,18 +239,21 @@ class FuseBiasPass(FusionPass):
                 skip_norm_bias_rules("SkipLayerNormalization"),
                 [(MS, "SkipLayerNormalization")],
                 commute=True,
+                anchors=["SkipLayerNormalization"],
             ),
             Fusion(
                 "bias-skip-simplified-layer-norm",
                 skip_norm_bias_rules("SkipSimplifiedLayerNormalization"),
                 [(MS, "SkipSimplifiedLayerNormalization")],
                 commute=True,
+                anchors=["SkipSimplifiedLayerNormalization"],
             ),
             Fusion(
                 "bias-fast-gelu",
                 [BiasIntoFastGelu.rule("fast-gelu", source="FastGelu")],
                 [(MS, "FastGelu")],
                 commute=True,
+                anchors=["FastGelu"],
             ),
-            Fusion("gemm", [MatMulAddToGemm.rule("gemm")], [("", "Gemm")], commute=True),
+            Fusion("gemm", [MatMulAddToGemm.rule("gemm")], [("", "Gemm")], True, ["MatMul"]),
         ]

@@ -361,17 +361,24 @@ class FuseGeluPass(FusionPass):
         std_gelu, std_tanh = _Op("", "Gelu"), _Op("", "Gelu", {"approximate": "tanh"})
         swish, quick = _Op("", "Swish"), _Op(MS, "QuickGelu")
         return [
-            Fusion("gelu-erf", _gelu_rules("Erf", std_gelu), [("", "Gelu")], commute=True),
-            Fusion("gelu-erf", _gelu_rules("Erf", _Op(MS, "Gelu")), [(MS, "Gelu")], commute=True),
-            Fusion("gelu-tanh", _gelu_rules("Tanh", std_tanh), [("", "Gelu")], commute=True),
+            Fusion("gelu-erf", _gelu_rules("Erf", std_gelu), [("", "Gelu")], True, ["Erf"]),
+            Fusion("gelu-erf", _gelu_rules("Erf", _Op(MS, "Gelu")), [(MS, "Gelu")], True, ["Erf"]),
+            Fusion("gelu-tanh", _gelu_rules("Tanh", std_tanh), [("", "Gelu")], True, ["Tanh"]),
             Fusion(
                 "gelu-tanh",
                 _gelu_rules("Tanh", _Op(MS, "FastGelu")),
                 [(MS, "FastGelu")],
                 commute=True,
+                anchors=["Tanh"],
             ),
             *[
-                Fusion(name, [SigmoidShell.rule(name, silu=silu, emit=emit)], creates, commute=True)
+                Fusion(
+                    name,
+                    [SigmoidShell.rule(name, silu=silu, emit=emit)],
+                    creates,
+                    commute=True,
+                    anchors=["Sigmoid"],
+                )
                 for name, silu in (("quick-gelu", False), ("silu", True))
                 for emit, creates in ((swish, [("", "Swish")]), (quick, [(MS, "QuickGelu")]))
             ],
@@ -380,6 +387,7 @@ class FuseGeluPass(FusionPass):
                 [BiasIntoGelu.rule("gelu", domain=""), BiasIntoGelu.rule("ms-gelu", domain=MS)],
                 [(MS, "BiasGelu")],
                 commute=True,
+                anchors=["Gelu"],
             ),
             Fusion(
                 "bias-fast-gelu",
@@ -389,5 +397,6 @@ class FuseGeluPass(FusionPass):
                 ],
                 [(MS, "FastGelu")],
                 commute=True,
+                anchors=["FastGelu", "Gelu"],
             ),
         ]
