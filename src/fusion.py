@@ -37,6 +37,8 @@ class Fusion:
     creates: Sequence[tuple[str, str]]
     commute: bool = False
     anchors: Sequence[str] = ()
+    hint: str = ""
+    """Appended to the note when the fusion is skipped (what to do instead)."""
 
     def rule_set(self) -> pattern.RewriteRuleSet:
         return pattern.RewriteRuleSet(list(self.rules), commute=self.commute)
@@ -44,10 +46,20 @@ class Fusion:
 
 def can_emit(model: ir.Model, target: Target, domain: str, op_type: str) -> bool:
     """Whether a new ``domain::op_type`` node is valid in the model and runs on the target."""
+    return _why_not(model, target, domain, op_type) is None
+
+
+def _why_not(model: ir.Model, target: Target, domain: str, op_type: str) -> str | None:
     opset = model.opset_imports.get(domain, 1)
     if domain == "" and not onnx.defs.has(op_type, opset, ""):
-        return False  # not in the model's standard opset: the checker (and runtimes) reject it
-    return target.supports(domain, op_type, opset)
+        # not in the model's standard opset: the checker (and runtimes) reject it
+        if not onnx.defs.has(op_type):
+            return f"{op_type} is not a standard ONNX operator"
+        since = onnx.defs.get_schema(op_type).since_version
+        return f"{op_type} needs opset {since} and the model imports {opset}"
+    if not target.supports(domain, op_type, opset):
+        return f"{target.name} cannot run {domain + '::' if domain else ''}{op_type}"
+    return None
 
 
 class FusionPass(Pass):
@@ -62,24 +74,28 @@ class FusionPass(Pass):
     def fusions(self, target: Target) -> list[Fusion]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def after_fusions(self, model: ir.Model) -> None:
+        """Called once after fusions fired, before unused nodes go; subclasses may rewire."""
+
     def call(self, model: ir.Model) -> PassResult:
+        """Apply each fusion's best runnable alternative; note skips, trace misses, clean up."""
         target = load_target(self.target)
+        _ensure_types(model)
         counts: dict[str, int] = {}
         notes: list[str] = []
         misses: list[str] = []
         chosen: dict[str, Fusion | None] = {}
+        skipped: dict[str, str] = {}
         for fusion in self.fusions(target):
             if chosen.get(fusion.name) is not None:
                 continue  # a better alternative was applied
             if fusion.anchors and not _has_op(model, fusion.anchors):
                 continue
-            lacking = [
-                f"{d}::{op}" if d else op
-                for d, op in fusion.creates
-                if not can_emit(model, target, d, op)
-            ]
+            reasons = [_why_not(model, target, d, op) for d, op in fusion.creates]
+            lacking = [r for r in reasons if r]
             if lacking:
                 chosen.setdefault(fusion.name, None)
+                skipped.setdefault(fusion.name, lacking[0] + fusion.hint)
                 continue
             chosen[fusion.name] = fusion
             fired = fusion.rule_set().apply_to_model(model)
@@ -89,10 +105,19 @@ class FusionPass(Pass):
                 add_count(counts, fusion.name, fired)
             else:
                 misses += near_misses(model, fusion)
-        for name, fusion in chosen.items():
-            if fusion is None:
-                notes.append(f"{name}: skipped, {target.name} cannot run what it would create")
+        notes += [f"{name}: skipped, {skipped[name]}" for name, f in chosen.items() if f is None]
+        if counts:
+            self.after_fusions(model)
+            ir.passes.common.RemoveUnusedNodesPass()(model)  # what fed only the fused nodes
         return PassResult(model, bool(counts), counts=counts, notes=notes, misses=misses)
+
+
+def _ensure_types(model: ir.Model) -> None:
+    """Infer types and shapes when some node output lacks a type (rule checks read them)."""
+    if any(v.type is None for node in model.graph.all_nodes() for v in node.outputs):
+        from onnxopt.passes.infer_shapes import InferShapesPass
+
+        InferShapesPass()(model)
 
 
 def _has_op(model: ir.Model, op_types: Sequence[str]) -> bool:

@@ -10,11 +10,9 @@ import dataclasses
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes import common
 from onnxscript.rewriter import pattern
 
 from onnxopt.fusion import Fusion, FusionPass
-from onnxopt.pass_api import PassResult
 from onnxopt.registry import register_pass
 from onnxopt.targets import Target
 
@@ -306,35 +304,6 @@ VARIANTS = [(True, True, 0), (True, True, 1), (True, False, 0), (True, False, 1)
 VARIANTS += [(False, True, 0), (False, True, 1)] + [(False, False, i) for i in range(4)]
 
 
-def ensure_types(model: ir.Model) -> None:
-    """Infer types and shapes when some node output lacks a type (the checks read dtypes)."""
-    if any(v.type is None for node in model.graph.all_nodes() for v in node.outputs):
-        from onnxopt.passes.infer_shapes import InferShapesPass
-
-        InferShapesPass()(model)
-
-
-def explain_opset(
-    result: PassResult, model: ir.Model, fusion: str, op_type: str, since: int, extra: str = ""
-) -> None:
-    """Say that the model's opset (not the target) keeps ``op_type`` out, when it does."""
-    opset = model.opset_imports.get("", 1)
-    if opset >= since:
-        return
-    generic = f"{fusion}: skipped,"
-    result.notes[:] = [n for n in result.notes if not n.startswith(generic)]
-    result.notes.append(
-        f"{fusion}: skipped, {op_type} needs opset {since} and the model imports {opset}{extra}"
-    )
-
-
-def remove_dead_nodes(model: ir.Model, result: PassResult) -> PassResult:
-    """Nodes whose readers were fused away go too (a Cast that fed the statistics, say)."""
-    if result.modified:
-        common.RemoveUnusedNodesPass()(model)
-    return result
-
-
 # --- LayerNormalization ------------------------------------------------------------------------
 
 
@@ -391,10 +360,7 @@ class FuseLayerNormPass(FusionPass):
     name = "fuse-layer-norm"
 
     def fusions(self, target: Target) -> list[Fusion]:
-        return [Fusion("layer-norm", LAYER_NORM_RULES, [("", "LayerNormalization")])]
-
-    def call(self, model: ir.Model) -> PassResult:
-        ensure_types(model)
-        result = super().call(model)
-        explain_opset(result, model, "layer-norm", "LayerNormalization", 17)
-        return remove_dead_nodes(model, result)
+        anchors = ["ReduceMean"]
+        return [
+            Fusion("layer-norm", LAYER_NORM_RULES, [("", "LayerNormalization")], False, anchors)
+        ]

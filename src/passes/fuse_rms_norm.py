@@ -6,15 +6,11 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from onnxopt.fusion import Fusion, FusionPass
-from onnxopt.pass_api import PassResult
 from onnxopt.passes.fuse_layer_norm import (
     FLOAT,
     Norm,
-    ensure_types,
-    explain_opset,
     match_norm,
     norm_tail,
-    remove_dead_nodes,
     stats_pattern,
 )
 from onnxopt.registry import register_pass
@@ -25,7 +21,6 @@ from onnxopt.targets import Target
 RMS_DTYPES = (FLOAT, ir.DataType.FLOAT16)
 # (has weight, -, form of the final node), as ``norm_tail`` takes it; longest first.
 RMS_VARIANTS = [(True, False, 0), (True, False, 1)] + [(False, False, i) for i in range(4)]
-_SINCE = 23  # RMSNormalization's opset
 
 
 def rms_variant_name(variant: tuple[bool, bool, int]) -> str:
@@ -94,14 +89,9 @@ class FuseRmsNormPass(FusionPass):
     name = "fuse-rms-norm"
 
     def fusions(self, target: Target) -> list[Fusion]:
-        return [Fusion("rms-norm", RMS_NORM_RULES, [("", "RMSNormalization")])]
-
-    def call(self, model: ir.Model) -> PassResult:
-        ensure_types(model)
-        result = super().call(model)
-        extra = (
+        hint = (
             " (ORT's SimplifiedLayerNormalization is no standard op; fuse-skip-layer-norm fuses"
             " the norms after residual Adds)"
         )
-        explain_opset(result, model, "rms-norm", "RMSNormalization", _SINCE, extra)
-        return remove_dead_nodes(model, result)
+        rms = [("", "RMSNormalization")]
+        return [Fusion("rms-norm", RMS_NORM_RULES, rms, anchors=["ReduceMean"], hint=hint)]

@@ -7,12 +7,9 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from onnxopt.fusion import Fusion, FusionPass
-from onnxopt.pass_api import PassResult
 from onnxopt.passes.fuse_layer_norm import (
-    ensure_types,
     new_initializer,
     rank_of,
-    remove_dead_nodes,
     same_dim,
     same_shape,
 )
@@ -256,16 +253,19 @@ class FuseSkipLayerNormPass(FusionPass):
 
     def fusions(self, target: Target) -> list[Fusion]:
         return [
-            Fusion("skip-layer-norm", SKIP_LAYER_NORM_RULES, [(_MS, "SkipLayerNormalization")]),
+            Fusion(
+                "skip-layer-norm",
+                SKIP_LAYER_NORM_RULES,
+                [(_MS, "SkipLayerNormalization")],
+                anchors=["LayerNormalization"],
+            ),
             Fusion(
                 "skip-simplified-layer-norm",
                 SKIP_RMS_NORM_RULES,
                 [(_MS, "SkipSimplifiedLayerNormalization")],
+                anchors=["ReduceMean", "RMSNormalization"],
             ),
         ]
 
-    def call(self, model: ir.Model) -> PassResult:
-        ensure_types(model)
-        result = super().call(model)
+    def after_fusions(self, model: ir.Model) -> None:
         expose_sums(model)
-        return remove_dead_nodes(model, result)
