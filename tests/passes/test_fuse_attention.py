@@ -1,0 +1,376 @@
+"""fuse-attention: SDPA subgraphs as the torch exporters write them become one attention op."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from conftest import FLOAT, GOLDEN, make_model, op_types, run
+from onnx import TensorProto, helper
+
+from onnxopt import GoldenSet, load
+from onnxopt.passes.fuse_attention import FuseAttentionPass
+from onnxopt.passes.infer_shapes import InferShapesPass
+
+E, N, D = 16, 2, 8
+BOOL, FLOAT16 = TensorProto.BOOL, TensorProto.FLOAT16
+SHAPES = ((1, 5), (2, 7))  # (batch, seq) for the two runs of every dynamic graph
+
+
+@dataclasses.dataclass
+class Spec:
+    """One way of writing attention, as the exporters do (see the module docstring)."""
+
+    split: str = "const"  # Reshape target: const [0, 0, N, D], "ts" Shape/Gather/Concat, "dyn"
+    key: str = "0132"  # Kᵀ: Transpose(K, 0132), Transpose(k, 0231) of [B,T,N,D], "3d" Reshapes
+    scale: str = "div"  # div/mul on the scores, "q" on Q, "qk" sqrt on Q and Kᵀ, "none"
+    scale_value: float = D**-0.5
+    mask: str = ""  # "", "add" [B,1,1,T], "full" [B,1,S,T], "where" fill, "bool" Where then Add
+    fill: float = -np.inf
+    guard: bool = False  # Where(IsNaN(p), 0, p) after Softmax
+    merged: bool = True  # output Transpose + Reshape to [B, S, E]; else the 4-D context
+    dtype: int = FLOAT
+    opset: int = 17
+
+
+class Graph:
+    """onnx.helper nodes and initializers, with fresh names."""
+
+    def __init__(self, rng: np.random.Generator, dtype: int = FLOAT) -> None:
+        self.nodes: list = []
+        self.inits: dict[str, np.ndarray] = {}
+        self.rng, self.np_type = rng, helper.tensor_dtype_to_np_dtype(dtype)
+
+    def __call__(self, op: str, *inputs: str, n_out: int = 1, **attrs) -> str:
+        name = f"{op.lower()}{len(self.nodes)}"
+        outs = [name] if n_out == 1 else [f"{name}_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op, list(inputs), outs, name=name, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def const(self, value, dtype=None) -> str:
+        name = f"c{len(self.inits)}"
+        self.inits[name] = np.asarray(value, dtype or np.int64)
+        return name
+
+    def weight(self, *shape: int, scale: float = 0.3) -> str:
+        return self.const(self.rng.standard_normal(shape) * scale, self.np_type)
+
+    def linear(self, x: str, out: int = E) -> str:
+        return self("Add", self("MatMul", x, self.weight(E, out)), self.weight(out))
+
+    def split(self, x3: str, mode: str, heads: int = N) -> str:
+        """[B, L, heads*D] -> [B, L, heads, D], as a const, TorchScript or dynamo target."""
+        if mode == "const":
+            return self("Reshape", x3, self.const([0, 0, heads, D]))
+        if mode == "ts":
+            shape = self("Shape", x3)
+            b, s = (
+                self("Unsqueeze", self("Gather", shape, self.const(i)), self.const([0]))
+                for i in (0, 1)
+            )
+            return self("Reshape", x3, self("Concat", b, s, self.const([-1, D]), axis=0))
+        b, s = (self("Shape", x3, start=i, end=i + 1) for i in (0, 1))
+        target = self("Concat", b, s, self.const([heads, D]), axis=0)
+        return self("Reshape", x3, target, allowzero=1)
+
+    def heads(self, x3: str, mode: str, heads: int = N) -> str:
+        return self("Transpose", self.split(x3, mode, heads), perm=[0, 2, 1, 3])
+
+
+def build(spec: Spec, rng: np.random.Generator) -> ir.Model:
+    g = Graph(rng, spec.dtype)
+    q = g.heads(g.linear("x"), spec.split)
+    k3 = g.linear("x")
+    if spec.key == "0231":
+        kt = g("Transpose", g.split(k3, spec.split), perm=[0, 2, 3, 1])
+    elif spec.key == "3d":
+        k4 = g.heads(k3, spec.split)
+        shape = g("Shape", k4)
+        flat = g(
+            "Reshape",
+            k4,
+            g("Concat", g.const([-1]), g("Slice", shape, g.const([-2]), g.const([2**62])), axis=0),
+        )
+        last2 = g("Slice", shape, g.const([-1]), g.const([2**62]))
+        seq = g("Slice", shape, g.const([-2]), g.const([-1]))
+        lead = g("Slice", shape, g.const([0]), g.const([-2]))
+        kt = g(
+            "Reshape", g("Transpose", flat, perm=[0, 2, 1]), g("Concat", lead, last2, seq, axis=0)
+        )
+    else:
+        kt = g("Transpose", g.heads(k3, spec.split), perm=[0, 1, 3, 2])
+    v = g.heads(g.linear("x"), spec.split)
+    s = spec.scale_value
+    scalar = lambda value: g.const(value, g.np_type)  # noqa: E731
+    if spec.scale == "q":
+        q = g("Mul", q, scalar(s))
+    elif spec.scale == "qk":
+        q, kt = g("Mul", q, scalar(np.sqrt(s))), g("Mul", scalar(np.sqrt(s)), kt)
+    scores = g("MatMul", q, kt)
+    if spec.scale == "div":
+        scores = g("Div", scores, scalar(1 / s))
+    elif spec.scale == "mul":
+        scores = g("Mul", scores, scalar(s))
+    inputs = {"x": (spec.dtype, ["batch", "seq", E])}
+    if spec.mask in ("add", "full"):
+        inputs["mask"] = (spec.dtype, ["batch", 1, "seq" if spec.mask == "full" else 1, "seq"])
+        scores = g("Add", scores, "mask")
+    elif spec.mask in ("where", "bool"):
+        inputs["mask"] = (BOOL, ["batch", 1, 1, "seq"])
+        if spec.mask == "where":
+            scores = g("Where", "mask", scores, scalar(spec.fill))
+        else:
+            scores = g("Add", scores, g("Where", "mask", scalar(0.0), scalar(spec.fill)))
+    probs = g("Softmax", scores, axis=-1)
+    if spec.guard:
+        probs = g("Where", g("IsNaN", probs), scalar(0.0), probs)
+    ctx = g("MatMul", probs, v)
+    if spec.merged:
+        out = g("Reshape", g("Transpose", ctx, perm=[0, 2, 1, 3]), g.const([0, 0, E]))
+        outputs = {g("MatMul", out, g.weight(E, E)): (spec.dtype, None)}
+    else:
+        outputs = {ctx: (spec.dtype, None)}
+    return _model(g, inputs, outputs, spec.opset)
+
+
+def expected_scale(spec: Spec) -> float:
+    """The product of the float32 constants the graph scales with, rounded to float32."""
+    f32 = lambda value: float(np.float32(value))  # noqa: E731
+    s = spec.scale_value
+    factor = {"div": 1 / f32(1 / s), "qk": f32(np.sqrt(s)) ** 2}.get(spec.scale, f32(s))
+    return f32(factor)
+
+
+def _model(g: Graph, inputs: dict, outputs: dict, opset: int) -> ir.Model:
+    model = make_model(g.nodes, inputs, outputs, g.inits, opset=opset)
+    InferShapesPass()(model)
+    return model
+
+
+def feeds_for(model: ir.Model, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
+    """Inputs for the two (batch, seq) cases; masks keep at least one key per row."""
+    cases = []
+    for batch, seq in SHAPES:
+        sizes = {"batch": batch, "seq": seq, "past": 3, "total": seq + 3}
+        feeds = {}
+        for value in model.graph.inputs:
+            shape = [d if isinstance(d, int) else sizes[d.value] for d in value.shape]
+            dtype = value.dtype.numpy()
+            if value.dtype == ir.DataType.BOOL:
+                feeds[value.name] = rng.random(shape) < 0.7
+                feeds[value.name][..., 0] = True
+            elif value.name == "mask":
+                feeds[value.name] = np.where(rng.random(shape) < 0.7, 0, -1e4).astype(dtype)
+            else:
+                feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+        cases.append(feeds)
+    return cases
+
+
+def fuse(model: ir.Model, rng, target: str = "ort-cpu", atol: float = 1e-5):
+    """Run the pass; the outputs on both input shapes must not change."""
+    cases = feeds_for(model, rng)
+    before = [run(model, feeds) for feeds in cases]
+    result = FuseAttentionPass(target=target)(model)
+    for feeds, expected in zip(cases, before, strict=True):
+        after = run(model, feeds)
+        for name in expected:
+            np.testing.assert_allclose(after[name], expected[name], atol=atol, rtol=1e-3)
+    return result
+
+
+def _core(model: ir.Model) -> list[str]:
+    """Op types without the shape arithmetic (Shape, Slice, Concat, Constant, ...)."""
+    shape_ops = {"Shape", "Slice", "Concat", "Constant", "Gather", "Unsqueeze", "Expand"}
+    return [op for op in op_types(model) if op not in shape_ops]
+
+
+MHA = "MultiHeadAttention"
+PROJECTIONS = ["MatMul", "Add", "MatMul", "Add", "MatMul", "Add"]
+
+
+# --- (a) encoder attention: scale forms, key forms, masks, exporters ------------------------
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        Spec(),
+        Spec(split="ts", scale="mul"),
+        Spec(split="dyn", scale="q", key="0231"),
+        Spec(split="dyn", scale="qk", key="3d", mask="add"),
+        Spec(split="ts", scale="qk", key="0231", mask="full", scale_value=0.2),
+        Spec(scale="none", mask="add", scale_value=1.0),
+    ],
+    ids=["const-div", "ts-mul", "dynamo-q-0231", "dynamo-sdpa-3d", "ts-sdpa-custom", "unscaled"],
+)
+def test_encoder_attention_becomes_multi_head_attention(spec: Spec, rng) -> None:
+    model = build(spec, rng)
+    result = fuse(model, rng)
+    assert result.counts == {"attention": 1}
+    assert _core(model) == [*PROJECTIONS, MHA, "MatMul"]
+    (node,) = [n for n in model.graph if n.op_type == MHA]
+    assert node.domain == "com.microsoft" and node.attributes["num_heads"].value == N
+    assert node.attributes["scale"].value == expected_scale(spec)
+    assert [v.producer().op_type for v in node.inputs[:3]] == ["Add", "Add", "Add"]
+
+
+def test_scale_on_q_and_k_multiplies_in_float32(rng) -> None:
+    model = build(Spec(split="dyn", scale="qk", key="3d", scale_value=0.3), rng)
+    fuse(model, rng)
+    (node,) = [n for n in model.graph if n.op_type == MHA]
+    root = float(np.float32(np.sqrt(0.3)))
+    assert node.attributes["scale"].value == float(np.float32(root * root))
+
+
+@pytest.mark.parametrize("mask", ["where", "bool"])
+def test_boolean_masks_become_an_additive_bias(mask: str, rng) -> None:
+    model = build(Spec(mask=mask, fill=np.finfo(np.float32).min), rng)
+    assert fuse(model, rng).counts == {"attention": 1}
+    assert "Softmax" not in op_types(model) and "Where" in op_types(model)
+
+
+def test_nan_guard_with_an_infinite_fill_zeroes_the_output_rows(rng) -> None:
+    model = build(Spec(mask="bool", guard=True, split="ts", key="0231", scale="qk"), rng)
+    fuse(model, rng)
+    ops = _core(model)
+    assert ops[ops.index(MHA) :] == [MHA, "IsNaN", "Where", "MatMul"]
+    feeds = feeds_for(model, rng)[1]
+    feeds["mask"][1] = False  # every key of batch 1 masked: the graph zeroes those rows
+    assert np.all(run(model, feeds)[model.graph.outputs[0].name][1] == 0)
+
+
+def test_nan_guard_with_a_finite_fill_is_dropped(rng) -> None:
+    fill = np.finfo(np.float32).min
+    model = build(Spec(mask="bool", guard=True, split="dyn", fill=fill), rng)
+    fuse(model, rng)
+    assert "IsNaN" not in op_types(model)
+
+
+def test_four_d_context_output_is_transposed_back(rng) -> None:
+    model = build(Spec(merged=False, mask="add"), rng)
+    assert fuse(model, rng).counts == {"attention": 1}
+    assert _core(model)[-3:] == [MHA, "Reshape", "Transpose"]
+
+
+def test_float16_needs_attention_23_on_cpu(rng) -> None:
+    model = build(Spec(dtype=FLOAT16), rng)
+    result = FuseAttentionPass()(model)
+    assert not result.modified
+    assert any("no kernel for FLOAT16" in miss for miss in result.misses)
+    model = build(Spec(dtype=FLOAT16, opset=23), rng)
+    result = fuse(model, rng, target="onnx-23", atol=2e-3)
+    assert result.counts == {"attention": 1} and "Attention" in op_types(model)
+
+
+# --- targets ---------------------------------------------------------------------------------
+
+
+def test_attention_23_takes_the_3d_projections(rng) -> None:
+    model = build(Spec(opset=23, mask="add", split="dyn"), rng)
+    result = fuse(model, rng, target="onnx-23")
+    assert result.counts == {"attention": 1}
+    assert _core(model) == [*PROJECTIONS, "Attention", "MatMul"]
+    (node,) = [n for n in model.graph if n.op_type == "Attention"]
+    assert node.domain == "" and node.attributes["q_num_heads"].value == N
+
+
+def test_ort_cpu_prefers_multi_head_attention_at_opset_23(rng) -> None:
+    model = build(Spec(opset=23), rng)
+    assert fuse(model, rng).counts == {"attention": 1} and MHA in op_types(model)
+
+
+def test_standard_target_below_opset_23_is_skipped(rng) -> None:
+    model = build(Spec(), rng)
+    result = FuseAttentionPass(target="onnx-17")(model)
+    assert not result.modified and "Softmax" in op_types(model)
+    assert [note.split(",")[0] for note in result.notes] == ["attention: skipped"]
+
+
+def test_an_exported_attention_op_is_left_alone(rng) -> None:
+    nodes = [helper.make_node("Attention", ["q", "k", "v"], ["y"], scale=0.5)]
+    io = {n: (FLOAT, [1, N, 4, D]) for n in "qkv"}
+    model = make_model(nodes, io, {"y": (FLOAT, [1, N, 4, D])}, opset=23)
+    assert not FuseAttentionPass(target="onnx-23")(model).modified
+
+
+# --- what must not fuse ----------------------------------------------------------------------
+
+
+def _without_fusion(model: ir.Model, target: str = "ort-cpu") -> list[str]:
+    ops = op_types(model)
+    result = FuseAttentionPass(target=target)(model)
+    assert not result.modified and op_types(model) == ops
+    return result.misses
+
+
+def _add_output(model: ir.Model, op_type: str, index: int = 0) -> None:
+    node = [n for n in model.graph if n.op_type == op_type][index]
+    model.graph.outputs.append(node.outputs[0])
+
+
+@pytest.mark.parametrize(
+    ("op", "index", "reason"),
+    [
+        ("Softmax", 0, "the attention probabilities are also used elsewhere"),
+        ("Div", 0, "the attention scores are also used elsewhere"),
+    ],
+)
+def test_intermediates_used_elsewhere_are_not_fused(op, index, reason, rng) -> None:
+    model = build(Spec(), rng)
+    _add_output(model, op, index)
+    assert any(reason in miss for miss in _without_fusion(model))
+
+
+def test_a_per_head_scale_is_not_fused(rng) -> None:
+    model = build(Spec(scale="none"), rng)
+    matmul = next(n for n in model.graph if n.op_type == "Softmax")
+    per_head = ir.Value(name="per_head", const_value=ir.tensor(np.ones((1, N, 1, 1), np.float32)))
+    model.graph.initializers["per_head"] = per_head
+    scores = matmul.inputs[0]
+    mul = ir.node("Mul", [scores, per_head])
+    model.graph.insert_before(matmul, mul)
+    matmul.replace_input_with(0, mul.outputs[0])
+    assert any("non-constant or non-scalar" in miss for miss in _without_fusion(model))
+
+
+def test_a_finite_masked_fill_that_is_not_lowest_is_not_fused(rng) -> None:
+    model = build(Spec(mask="where", fill=-1e4), rng)
+    assert any("fill is not -inf or the lowest" in miss for miss in _without_fusion(model))
+
+
+def test_softmax_over_another_axis_is_not_fused(rng) -> None:
+    model = build(Spec(), rng)
+    softmax = next(n for n in model.graph if n.op_type == "Softmax")
+    softmax.attributes["axis"] = ir.AttrInt64("axis", 2)
+    assert any("Softmax is over axis 2" in miss for miss in _without_fusion(model))
+
+
+def test_attention_23_refuses_the_lowest_float_fill(rng) -> None:
+    model = build(Spec(mask="bool", fill=np.finfo(np.float32).min, opset=23), rng)
+    misses = _without_fusion(model, "onnx-23")
+    assert any("fills with the lowest float" in miss for miss in misses)
+
+
+# --- the zoo: real exporter output --------------------------------------------------------------
+
+ZOO = GOLDEN / "zoo"
+_MANIFEST = ZOO / "manifest.json"
+_ZOO_MODELS = json.loads(_MANIFEST.read_text())["models"] if _MANIFEST.is_file() else []
+
+
+@pytest.mark.parametrize("entry", _ZOO_MODELS, ids=[e["file"] for e in _ZOO_MODELS])
+def test_zoo_models_fuse_every_attention(entry: dict) -> None:
+    """Shape inference is all the pass needs (tests/test_fuse_zoo.py runs the whole ``fuse``)."""
+    model = load(ZOO / entry["file"])
+    InferShapesPass()(model)
+    result = FuseAttentionPass()(model)
+    assert result.counts == {"attention": entry["inventory"]["attention"]}, result.misses
+    assert "Softmax" not in op_types(model)
+    golden = GoldenSet.load(ZOO / entry["golden"])
+    for feeds, expected in zip(golden.inputs, golden.outputs, strict=True):
+        for name, value in run(model, feeds).items():
+            np.testing.assert_allclose(value, expected[name], atol=1e-4, rtol=1e-3)
