@@ -236,6 +236,7 @@ def _analyze(model, scores, v, probs, ctx, guard, zero) -> _Plan:
     scale = q_factor * k_factor * math.prod(s.factor for s in found.steps if s.kind == "scale")
     plan = _Plan(q, k, v_heads, None, float(np.float32(scale)), found.steps, dims, opset)
     plan.heads = _head_count(plan)
+    dims.union(k.dim(dims, "L"), v_heads.dim(dims, "L"))  # the contracted axis of probs @ V
     if q.size is not None and k.size is not None and q.size != k.size:
         raise NotFusable(f"Q and K head sizes differ ({q.size} vs {k.size})", found.qk)
     dims.bind(ctx, [q.dim(dims, "B"), plan.heads, q.dim(dims, "L"), v_heads.size])

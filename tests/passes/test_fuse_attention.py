@@ -266,6 +266,131 @@ def test_float16_needs_attention_23_on_cpu(rng) -> None:
     assert result.counts == {"attention": 1} and "Attention" in op_types(model)
 
 
+# --- (b) causal decoders: packed QKV, causal masks, rotary, grouped-query attention -----------
+
+
+@dataclasses.dataclass
+class Decoder:
+    kv_heads: int = N
+    packed: bool = False  # one projection, then Split (GPT-2's c_attn)
+    rotary: bool = False  # Llama's rotate_half on Q and K in head layout
+    causal: str = "trilu"  # SDPA's Trilu mask (added), or "buffer": a sliced tril, Where-filled
+    fill: float = -np.inf
+    padding: bool = False  # an additive [B, 1, 1, T] mask input too
+    opset: int = 17
+
+
+def decoder(spec: Decoder, rng) -> ir.Model:
+    g = Graph(rng)
+    kv = spec.kv_heads * D
+    if spec.packed:
+        split = g.const([E, kv, kv]) if spec.opset >= 13 else None
+        q3, k3, v3 = g("Split", g.linear("x", E + 2 * kv), split, n_out=3, axis=2)
+    else:
+        q3, k3, v3 = g.linear("x"), g.linear("x", kv), g.linear("x", kv)
+    q, k, v = (
+        g.heads(q3, "dyn"),
+        g.heads(k3, "dyn", spec.kv_heads),
+        g.heads(v3, "dyn", spec.kv_heads),
+    )
+    if spec.rotary:
+        table = g.const(rng.standard_normal((32, D)), np.float32)
+        seq = g("Shape", "x", start=1, end=2)
+        cos = g("Unsqueeze", g("Slice", table, g.const([0]), seq), g.const([0, 1]))
+        q, k = (g("Add", g("Mul", t, cos), g("Mul", _rotate_half(g, t), cos)) for t in (q, k))
+    if spec.kv_heads != N:
+        k, v = (_repeat_heads(g, t, spec.kv_heads) for t in (k, v))
+    root = g.const(np.float32(D**-0.25), np.float32)
+    scores = g("MatMul", g("Mul", q, root), g("Mul", g("Transpose", k, perm=[0, 1, 3, 2]), root))
+    fill = g.const(spec.fill, np.float32)
+    if spec.causal == "trilu":
+        size = g("Slice", g("Shape", q), g.const([-2]), g.const([-1]))
+        ones = g("Expand", g.const(1.0, np.float32), g("Concat", size, size, axis=0))
+        upper = g("Equal", g("Trilu", ones, upper=0), g.const(0.0, np.float32))
+        scores = g("Add", scores, g("Where", upper, fill, g.const(0.0, np.float32)))
+    else:
+        tril = g.const(np.tril(np.ones((1, 1, 32, 32), bool)), bool)
+        seq = g("Shape", "x", start=1, end=2)
+        causal = g(
+            "Slice",
+            g("Slice", tril, g.const([0]), seq, g.const([2])),
+            g.const([0]),
+            seq,
+            g.const([3]),
+        )
+        scores = g("Where", causal, scores, fill)
+    inputs = {"x": (FLOAT, ["batch", "seq", E])}
+    if spec.padding:
+        inputs["mask"] = (FLOAT, ["batch", 1, 1, "seq"])
+        scores = g("Add", scores, "mask")
+    ctx = g("MatMul", g("Softmax", scores, axis=-1), v)
+    out = g("Reshape", g("Transpose", ctx, perm=[0, 2, 1, 3]), g.const([0, 0, E]))
+    return _model(g, inputs, {g("MatMul", out, g.weight(E, E)): (FLOAT, None)}, spec.opset)
+
+
+def _rotate_half(g: Graph, t: str) -> str:
+    half = [
+        g("Slice", t, g.const([a]), g.const([b]), g.const([3]))
+        for a, b in ((0, D // 2), (D // 2, D))
+    ]
+    return g("Concat", g("Neg", half[1]), half[0], axis=-1)
+
+
+def _repeat_heads(g: Graph, t: str, kv_heads: int) -> str:
+    """transformers' repeat_kv: Unsqueeze, Expand to [B, n, r, T, D], Reshape to [B, n*r, T, D]."""
+    shape = g("Shape", t)
+    lead, tail = (g("Slice", shape, g.const([a]), g.const([b])) for a, b in ((0, 1), (2, 4)))
+    wide = g("Concat", lead, g.const([kv_heads, N // kv_heads]), tail, axis=0)
+    expanded = g("Expand", g("Unsqueeze", t, g.const([2])), wide)
+    return g("Reshape", expanded, g("Concat", lead, g.const([N]), tail, axis=0))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        Decoder(packed=True, causal="buffer", padding=True),
+        Decoder(causal="buffer", fill=float(np.finfo(np.float32).min)),
+        Decoder(kv_heads=1, rotary=True, fill=float(np.finfo(np.float32).min)),
+        Decoder(kv_heads=1, packed=True),
+    ],
+    ids=["gpt2-packed", "gpt2-eager-lowest", "llama-gqa-rotary", "gqa-packed"],
+)
+def test_causal_decoder_becomes_multi_head_attention(spec: Decoder, rng) -> None:
+    model = decoder(spec, rng)
+    assert fuse(model, rng).counts == {"attention": 1}
+    assert "Softmax" not in op_types(model)
+    (node,) = [n for n in model.graph if n.op_type == MHA]
+    assert node.attributes["num_heads"].value == N
+    if spec.kv_heads != N:  # MultiHeadAttention takes the repeated K/V heads, in 4-D
+        assert [v.producer().op_type for v in node.inputs[1:3]] == ["Reshape", "Reshape"]
+
+
+def test_attention_23_makes_the_trilu_mask_is_causal(rng) -> None:
+    model = decoder(Decoder(opset=23), rng)
+    assert fuse(model, rng, target="onnx-23").counts == {"attention": 1}
+    (node,) = [n for n in model.graph if n.op_type == "Attention"]
+    assert node.attributes["is_causal"].value == 1 and len(node.inputs) == 3
+    assert "Trilu" not in op_types(model)
+
+
+def test_attention_23_takes_grouped_query_heads_unrepeated(rng) -> None:
+    model = decoder(Decoder(kv_heads=1, packed=True, opset=23, padding=True), rng)
+    assert fuse(model, rng, target="onnx-23").counts == {"attention": 1}
+    (node,) = [n for n in model.graph if n.op_type == "Attention"]
+    assert node.attributes["q_num_heads"].value == N and node.attributes["kv_num_heads"].value == 1
+    assert [v.producer().op_type for v in node.inputs[:3]] == ["Split"] * 3
+    assert "Unsqueeze" not in op_types(model)  # the repeat of K/V heads is gone
+
+
+def test_attention_23_with_rotary_gqa_is_4d(rng) -> None:
+    """Shape inference loses the sequence length through rotary: the causal mask stays added."""
+    model = decoder(Decoder(kv_heads=1, rotary=True, opset=23), rng)
+    assert fuse(model, rng, target="onnx-23").counts == {"attention": 1}
+    (node,) = [n for n in model.graph if n.op_type == "Attention"]
+    assert [v.shape[1] for v in node.inputs[1:3]] == [1, 1]  # one K/V head, not repeated
+    assert "is_causal" not in node.attributes and len(node.inputs) == 4
+
+
 # --- targets ---------------------------------------------------------------------------------
 
 
