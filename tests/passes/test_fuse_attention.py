@@ -274,9 +274,11 @@ class Decoder:
     kv_heads: int = N
     packed: bool = False  # one projection, then Split (GPT-2's c_attn)
     rotary: bool = False  # Llama's rotate_half on Q and K in head layout
-    causal: str = "trilu"  # SDPA's Trilu mask (added), or "buffer": a sliced tril, Where-filled
+    causal: str = "trilu"  # SDPA's Trilu mask (added), "buffer": a sliced tril, Where-filled,
+    # or "input": an additive [B, 1, S, T] mask the caller makes (transformers with a cache)
     fill: float = -np.inf
     padding: bool = False  # an additive [B, 1, 1, T] mask input too
+    past: bool = False  # K/V concatenated after a cache input; present K/V are outputs
     opset: int = 17
 
 
@@ -298,6 +300,13 @@ def decoder(spec: Decoder, rng) -> ir.Model:
         seq = g("Shape", "x", start=1, end=2)
         cos = g("Unsqueeze", g("Slice", table, g.const([0]), seq), g.const([0, 1]))
         q, k = (g("Add", g("Mul", t, cos), g("Mul", _rotate_half(g, t), cos)) for t in (q, k))
+    inputs = {"x": (FLOAT, ["batch", "seq", E])}
+    outputs = {}
+    if spec.past:
+        for name, t in (("key", k), ("value", v)):
+            inputs[f"past_{name}"] = (FLOAT, ["batch", spec.kv_heads, "past", D])
+            outputs[g("Concat", f"past_{name}", t, axis=2)] = (FLOAT, None)
+        k, v = outputs
     if spec.kv_heads != N:
         k, v = (_repeat_heads(g, t, spec.kv_heads) for t in (k, v))
     root = g.const(np.float32(D**-0.25), np.float32)
@@ -308,6 +317,9 @@ def decoder(spec: Decoder, rng) -> ir.Model:
         ones = g("Expand", g.const(1.0, np.float32), g("Concat", size, size, axis=0))
         upper = g("Equal", g("Trilu", ones, upper=0), g.const(0.0, np.float32))
         scores = g("Add", scores, g("Where", upper, fill, g.const(0.0, np.float32)))
+    elif spec.causal == "input":
+        inputs["mask"] = (FLOAT, ["batch", 1, "seq", "total" if spec.past else "seq"])
+        scores = g("Add", scores, "mask")
     else:
         tril = g.const(np.tril(np.ones((1, 1, 32, 32), bool)), bool)
         seq = g("Shape", "x", start=1, end=2)
@@ -319,13 +331,13 @@ def decoder(spec: Decoder, rng) -> ir.Model:
             g.const([3]),
         )
         scores = g("Where", causal, scores, fill)
-    inputs = {"x": (FLOAT, ["batch", "seq", E])}
     if spec.padding:
         inputs["mask"] = (FLOAT, ["batch", 1, 1, "seq"])
         scores = g("Add", scores, "mask")
     ctx = g("MatMul", g("Softmax", scores, axis=-1), v)
     out = g("Reshape", g("Transpose", ctx, perm=[0, 2, 1, 3]), g.const([0, 0, E]))
-    return _model(g, inputs, {g("MatMul", out, g.weight(E, E)): (FLOAT, None)}, spec.opset)
+    outputs = {g("MatMul", out, g.weight(E, E)): (FLOAT, None), **outputs}
+    return _model(g, inputs, outputs, spec.opset)
 
 
 def _rotate_half(g: Graph, t: str) -> str:
@@ -389,6 +401,27 @@ def test_attention_23_with_rotary_gqa_is_4d(rng) -> None:
     (node,) = [n for n in model.graph if n.op_type == "Attention"]
     assert [v.shape[1] for v in node.inputs[1:3]] == [1, 1]  # one K/V head, not repeated
     assert "is_causal" not in node.attributes and len(node.inputs) == 4
+
+
+# --- (c) KV cache: the Concat stays outside, K/V go in 4-D ------------------------------------
+
+
+@pytest.mark.parametrize("kv_heads", [N, 1], ids=["mha", "gqa"])
+def test_cache_concat_stays_and_feeds_4d_key_and_value(kv_heads: int, rng) -> None:
+    model = decoder(Decoder(kv_heads=kv_heads, past=True, causal="input", rotary=True), rng)
+    assert fuse(model, rng).counts == {"attention": 1}
+    (node,) = [n for n in model.graph if n.op_type == MHA]
+    expected = "Concat" if kv_heads == N else "Reshape"  # the repeat of the concatenated K/V
+    assert [v.producer().op_type for v in node.inputs[1:3]] == [expected] * 2
+    assert [v.producer().op_type for v in model.graph.outputs[1:]] == ["Concat", "Concat"]
+
+
+def test_cache_with_attention_23_keeps_gqa_heads(rng) -> None:
+    model = decoder(Decoder(kv_heads=1, past=True, causal="input", opset=23), rng)
+    assert fuse(model, rng, target="onnx-23").counts == {"attention": 1}
+    (node,) = [n for n in model.graph if n.op_type == "Attention"]
+    assert [v.producer().op_type for v in node.inputs[1:3]] == ["Concat", "Concat"]
+    assert "is_causal" not in node.attributes  # S != T: the mask is an input, added
 
 
 # --- targets ---------------------------------------------------------------------------------
