@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -522,8 +522,12 @@ def peel_scale(value: ir.Value) -> tuple[ir.Value, float]:
     return value, factor
 
 
-def scores_of(value: ir.Value) -> Scores:
-    """Walk from the Softmax input down to ``Q @ Kᵀ``; each value on the way has one use."""
+def scores_of(value: ir.Value, prefer: Callable[[ir.Node], bool]) -> Scores:
+    """Walk from the Softmax input down to ``Q @ Kᵀ``; each value on the way has one use.
+
+    When both terms of an Add are products (relative-position attention without a shift),
+    ``prefer`` picks the MatMul that pairs with V.
+    """
     steps: list[Step] = []
     for _ in range(_MAX_DEPTH):
         if not single_use(value):
@@ -538,7 +542,10 @@ def scores_of(value: ir.Value) -> Scores:
             steps.append(Step("scale", node, scaled[1], factor=scaled[2]))
             value = scaled[0]
         elif node.op_type == "Add":
-            chain = [i for i in (0, 1) if _leads_to_qk(node.inputs[i])]
+            found = [_leads_to_qk(v) for v in node.inputs]
+            chain = [i for i in (0, 1) if found[i] is not None]
+            if len(chain) == 2:
+                chain = [i for i in chain if prefer(found[i])]  # type: ignore[arg-type]
             if len(chain) != 1:
                 raise NotFusable(
                     "cannot tell which term of the Add on the scores is Q·Kᵀ "
@@ -586,21 +593,21 @@ def _is_fill(fill: ir.Value, other: ir.Value) -> bool:
     return other.dtype == ir.DataType.FLOAT and value <= float(np.finfo(np.float32).min)
 
 
-def _leads_to_qk(value: ir.Value, depth: int = 0) -> bool:
-    """Whether ``value`` is a MatMul, possibly scaled, masked or with terms added."""
+def _leads_to_qk(value: ir.Value, depth: int = 0) -> ir.Node | None:
+    """The 4-D MatMul ``value`` is, possibly scaled, masked or with terms added."""
     node = value.producer()
     if node is None or depth > 6 or node.domain not in ("", "ai.onnx"):
-        return False
+        return None
     if node.op_type == "MatMul":
-        return rank(node.outputs[0]) in (None, 4)
+        return node if rank(node.outputs[0]) in (None, 4) else None
     scaled = scale_of(node)
     if scaled is not None:
         return _leads_to_qk(scaled[0], depth + 1)
-    if node.op_type == "Add":
-        return any(_leads_to_qk(v, depth + 1) for v in node.inputs)
-    if node.op_type == "Where" and len(node.inputs) == 3:
-        return any(_leads_to_qk(v, depth + 1) for v in node.inputs[1:])
-    return False
+    if node.op_type in ("Add", "Where"):
+        inputs = node.inputs if node.op_type == "Add" else node.inputs[1:]
+        found = [_leads_to_qk(v, depth + 1) for v in inputs]
+        return next((m for m in found if m is not None), None)
+    return None
 
 
 def may_be_neg_inf(value: ir.Value | None, depth: int = 0) -> bool:

@@ -225,8 +225,8 @@ def _analyze(model, scores, v, probs, ctx, guard, zero) -> _Plan:
         zero is None or ap.scalar(zero) != 0.0 or not ap.single_use(ctx.producer().inputs[0])
     ):
         raise NotFusable("the NaN guard after Softmax does not write zeros", softmax)
-    found = ap.scores_of(scores)
     dims = Dims()
+    found = ap.scores_of(scores, lambda mm: dims.same(dims.ref(mm.inputs[1], 0), dims.ref(v, 0)))
     q_raw, q_factor = ap.peel_scale(found.qk.inputs[0])
     if ap.rank(q_raw) != 4:
         raise NotFusable("Q is not 4-D [batch, heads, seq, head_size]", q_raw)

@@ -154,7 +154,7 @@ def feeds_for(model: ir.Model, rng: np.random.Generator) -> list[dict[str, np.nd
     """Inputs for the two (batch, seq) cases; masks keep at least one key per row."""
     cases = []
     for batch, seq in SHAPES:
-        sizes = {"batch": batch, "seq": seq, "past": 3, "total": seq + 3}
+        sizes = {"batch": batch, "seq": seq, "past": 3, "total": seq + 3, "pos": 2 * seq - 1}
         feeds = {}
         for value in model.graph.inputs:
             shape = [d if isinstance(d, int) else sizes[d.value] for d in value.shape]
@@ -422,6 +422,63 @@ def test_cache_with_attention_23_keeps_gqa_heads(rng) -> None:
     (node,) = [n for n in model.graph if n.op_type == "Attention"]
     assert [v.producer().op_type for v in node.inputs[1:3]] == ["Concat", "Concat"]
     assert "is_causal" not in node.attributes  # S != T: the mask is an input, added
+
+
+# --- (d) relative-position attention (Conformer) -----------------------------------------------
+
+
+def conformer(rng, *, ts: bool = False, shifted: bool = True, scale: str = "div") -> ir.Model:
+    """scores = ((Q + u) Kᵀ + shift((Q + v) Pᵀ)) / sqrt(D) + mask, as wav2vec2-conformer has it.
+
+    ``ts`` adds u and v before the head transpose ([B, S, N, D] + [N, D]); dynamo after it.
+    Without ``shifted`` the position term is a plain MatMul like Q·Kᵀ (P has batch 1).
+    """
+    g = Graph(rng)
+    q3, k3, v3 = g.linear("x"), g.linear("x"), g.linear("x")
+    if ts:
+        q = g.split(q3, "ts")
+        qu, qv = (g("Transpose", g("Add", q, g.weight(N, D)), perm=[0, 2, 1, 3]) for _ in "uv")
+    else:
+        q = g.heads(q3, "dyn")
+        qu, qv = (g("Add", q, g.weight(N, 1, D)) for _ in "uv")
+    kt = g("Transpose", g.split(k3, "ts" if ts else "dyn"), perm=[0, 2, 3, 1])
+    v = g.heads(v3, "ts" if ts else "dyn")
+    p3 = g("MatMul", "pos", g.weight(E, E))
+    pt = g("Transpose", g("Reshape", p3, g.const([1, -1, N, D])), perm=[0, 2, 3, 1])
+    bd = g("MatMul", qv, pt)
+    if shifted:
+        seq = g("Shape", "x", start=1, end=2)
+        bd = g("Slice", bd, g.const([0]), seq, g.const([3]))
+    scores = g("Add", g("MatMul", qu, kt), bd)
+    if scale == "div":
+        scores = g("Div", scores, g.const(np.float32(np.sqrt(D)), np.float32))
+    else:
+        scores = g("Mul", g.const(np.float32(D**-0.5), np.float32), scores)
+    scores = g("Add", scores, "mask")
+    ctx = g("MatMul", g("Softmax", scores, axis=-1), v)
+    out = g("Reshape", g("Transpose", ctx, perm=[0, 2, 1, 3]), g.const([0, 0, E]))
+    inputs = {
+        "x": (FLOAT, ["batch", "seq", E]),
+        "pos": (FLOAT, [1, "pos" if shifted else "seq", E]),
+        "mask": (FLOAT, ["batch", 1, 1, "seq"]),
+    }
+    return _model(g, inputs, {g("MatMul", out, g.weight(E, E)): (FLOAT, None)}, 17)
+
+
+@pytest.mark.parametrize(
+    ("ts", "shifted", "scale"),
+    [(False, True, "div"), (True, True, "mul"), (False, False, "div")],
+    ids=["dynamo", "ts", "unshifted"],
+)
+def test_relative_position_term_becomes_the_attention_bias(ts, shifted, scale, rng) -> None:
+    model = conformer(rng, ts=ts, shifted=shifted, scale=scale)
+    assert fuse(model, rng).counts == {"attention": 1}
+    (node,) = [n for n in model.graph if n.op_type == MHA]
+    query, key = node.inputs[0].producer(), node.inputs[1].producer()
+    assert (query.op_type, key.op_type) == ("Reshape" if ts else "Add", "Add")  # no Transpose
+    scaled = next(n for n in model.graph if n.op_type in ("Div", "Mul"))  # the position term
+    assert scaled.op_type == ("Div" if scale == "div" else "Mul")
+    assert node.attributes["scale"].value == pytest.approx(D**-0.5, rel=1e-7)
 
 
 # --- targets ---------------------------------------------------------------------------------
