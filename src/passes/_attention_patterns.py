@@ -477,6 +477,7 @@ class Step:
     factor: float = 1.0
     cond: ir.Value | None = None
     keep_if_true: bool = True
+    tamed: bool = False  # its lowest-float fill is to be written as a large finite value
 
 
 @dataclasses.dataclass

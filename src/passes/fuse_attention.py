@@ -172,13 +172,8 @@ class _Attention23(_AttentionRule):
     def _adapt(self, plan: _Plan) -> None:
         plan.causal = _take_causal(plan)
         for step in plan.steps:
-            finite = step.kind == "add" and not ap.may_be_neg_inf(step.operand)
-            if (step.kind == "fill" or finite) and _fills_lowest(step.operand):
-                raise NotFusable(
-                    "the mask fills with the lowest float: ONNX Runtime's Attention returns "
-                    "zeros for a row masked entirely so, the graph the mean of V",
-                    step.node,
-                )
+            if step.kind in ("fill", "add") and _fills_lowest(step.operand):
+                _tame(step)
 
     def _emit(self, op, plan: _Plan, want_flat: bool) -> tuple[ir.Value, bool]:
         repeat = plan.k.repeat if plan.k.repeat == plan.v.repeat else 1
@@ -364,6 +359,38 @@ def _check_bias(plan: _Plan) -> None:
             plan.bias_fits = False
 
 
+_TAME_FILL = -1e38  # masks like the lowest float (exp underflows to 0), sums never reach it
+
+
+def _tame(step: Step) -> None:
+    """Mark a mask filled with the lowest float to be rebuilt with ``_TAME_FILL``.
+
+    ONNX Runtime's Attention returns zeros for a query row whose every score is the lowest
+    float, where the graph averages V (the spec zeroes only -inf rows). With -1e38 the
+    softmax is the graph's for scores below 1e30 in magnitude: masked keys get probability
+    0, and a row masked entirely stays uniform.
+    """
+    where = step.operand if step.kind == "fill" else ap.producer(step.operand, "Where")
+    branches = [step.operand] if step.kind == "fill" else (where.inputs[1:] if where else [])
+    lowest = [_is_lowest(v) for v in branches]
+    if (
+        step.operand.dtype != ir.DataType.FLOAT
+        or not any(lowest)
+        or any(_fills_lowest(v) for v, low in zip(branches, lowest, strict=True) if not low)
+    ):
+        raise NotFusable(
+            "the mask fills with the lowest float and cannot be rebuilt: ONNX Runtime's "
+            "Attention returns zeros for a row masked entirely so, the graph the mean of V",
+            step.node,
+        )
+    step.tamed = True
+
+
+def _is_lowest(value: ir.Value) -> bool:
+    number = ap.scalar(value)
+    return number is not None and number <= float(np.finfo(np.float32).min)
+
+
 def _fills_lowest(value: ir.Value, depth: int = 0) -> bool:
     """Whether ``value`` is, or selects with Where from, the lowest finite float."""
     number = ap.scalar(value)
@@ -510,11 +537,12 @@ def _bias(op, plan: _Plan, rank: int) -> ir.Value | None:
         if step.kind == "scale" and bias is not None:
             bias = (op.Mul if step.node.op_type == "Mul" else op.Div)(bias, step.operand)
         elif step.kind == "add":
-            bias = step.operand if bias is None else op.Add(bias, step.operand)
+            term = _tamed(op, step.operand) if step.tamed else step.operand
+            bias = term if bias is None else op.Add(bias, term)
         elif step.kind == "fill":
             base = bias if bias is not None else _zero(op, step.operand.dtype)
-            pair = (base, step.operand) if step.keep_if_true else (step.operand, base)
-            bias = op.Where(step.cond, *pair)
+            fill = _tamed(op, step.operand) if step.tamed else step.operand
+            bias = op.Where(step.cond, *((base, fill) if step.keep_if_true else (fill, base)))
     if bias is None:
         return None
     if not plan.bias_fits:
@@ -529,6 +557,15 @@ def _bias(op, plan: _Plan, rank: int) -> ir.Value | None:
         else:
             bias = op.Unsqueeze(bias, axes=axes)
     return bias
+
+
+def _tamed(op, value: ir.Value) -> ir.Value:
+    """``value`` (the lowest float, or a Where choosing it) with ``_TAME_FILL`` instead."""
+    if _is_lowest(value):
+        return op.Constant(value=ir.tensor(np.full(value.shape or (), _TAME_FILL, np.float32)))
+    where = value.producer()
+    branches = [_tamed(op, v) if _is_lowest(v) else v for v in where.inputs[1:]]
+    return op.Where(where.inputs[0], *branches)
 
 
 def _slice_dim(op, value: ir.Value, axis: int) -> ir.Value:

@@ -564,10 +564,24 @@ def test_softmax_over_another_axis_is_not_fused(rng) -> None:
     assert any("Softmax is over axis 2" in miss for miss in _without_fusion(model))
 
 
-def test_attention_23_refuses_the_lowest_float_fill(rng) -> None:
-    model = build(Spec(mask="bool", fill=np.finfo(np.float32).min, opset=23), rng)
+@pytest.mark.parametrize("mask", ["where", "bool"])
+def test_attention_23_rewrites_the_lowest_float_fill(mask: str, rng) -> None:
+    """ORT's Attention zeroes rows whose every score is the lowest float; the graph averages V."""
+    model = build(Spec(mask=mask, fill=np.finfo(np.float32).min, opset=23, split="dyn"), rng)
+    cases = feeds_for(model, rng)
+    cases[1]["mask"][1] = False  # batch 1: every key masked
+    before = [run(model, feeds) for feeds in cases]
+    assert FuseAttentionPass(target="onnx-23")(model).counts == {"attention": 1}
+    for feeds, expected in zip(cases, before, strict=True):
+        for name, value in run(model, feeds).items():
+            np.testing.assert_allclose(value, expected[name], atol=1e-5)
+    assert np.abs(before[1][name][1]).max() > 0  # the graph's rows are not zero
+
+
+def test_attention_23_refuses_a_float16_lowest_fill(rng) -> None:
+    model = build(Spec(mask="bool", fill=-65504.0, dtype=FLOAT16, opset=23), rng)
     misses = _without_fusion(model, "onnx-23")
-    assert any("fills with the lowest float" in miss for miss in misses)
+    assert any("fills with the lowest float and cannot be rebuilt" in miss for miss in misses)
 
 
 # --- the zoo: real exporter output --------------------------------------------------------------
@@ -589,3 +603,17 @@ def test_zoo_models_fuse_every_attention(entry: dict) -> None:
     for feeds, expected in zip(golden.inputs, golden.outputs, strict=True):
         for name, value in run(model, feeds).items():
             np.testing.assert_allclose(value, expected[name], atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["whisper_dynamo", "llama_kv_dynamo", "conformer_dynamo"])
+def test_zoo_models_at_opset_23_fuse_into_attention(name: str) -> None:
+    """The dynamo exports (opset 20) read as opset 23: ONNX Attention, lowest fills rebuilt."""
+    model = load(ZOO / f"{name}.onnx")
+    model.opset_imports[""] = 23
+    InferShapesPass()(model)
+    assert FuseAttentionPass(target="onnx-23")(model).counts == {"attention": 2}
+    assert "Attention" in op_types(model) and "Softmax" not in op_types(model)
+    golden = GoldenSet.load(ZOO / f"{name}.golden")
+    for feeds, expected in zip(golden.inputs, golden.outputs, strict=True):
+        for key, value in run(model, feeds).items():
+            np.testing.assert_allclose(value, expected[key], atol=1e-4, rtol=1e-3)
