@@ -261,6 +261,57 @@ def _element(op: str, col: list[Element]) -> Element:
     return None
 
 
+_ELEMENTWISE = {
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Where",
+    "And",
+    "Or",
+    "Equal",
+    "Less",
+    "Greater",
+    "LessOrEqual",
+    "GreaterOrEqual",
+    "Not",
+    "Neg",
+    "Cast",
+}
+
+
+def trailing_dim(value: ir.Value, axis: int, dims: Dims, depth: int = 0) -> Atom | None:
+    """Size of ``value`` at negative ``axis``, through elementwise ops and Expand targets."""
+    r = rank(value)
+    if r is not None and r < -axis:
+        return 1  # missing leading axes broadcast as 1
+    node = value.producer()
+    if node is not None and depth < 6 and node.domain in ("", "ai.onnx"):
+        if node.op_type in _ELEMENTWISE:
+            parts = [trailing_dim(v, axis, dims, depth + 1) for v in node.inputs if v is not None]
+            found = broadcast_dim(parts, dims)
+            if found is not None:
+                return found
+        elif node.op_type == "Expand":
+            entries = shape_vector(node.inputs[1], dims)
+            inner = trailing_dim(node.inputs[0], axis, dims, depth + 1)
+            if entries is not None and len(entries) >= -axis:
+                found = broadcast_dim([entries[axis], inner], dims)
+                if found is not None:
+                    return found
+    return dims.ref(value, axis) if r is not None else None
+
+
+def broadcast_dim(sizes: Sequence[Atom | None], dims: Dims) -> Atom | None:
+    """The size of one axis after broadcasting: the one size not 1 (None when unclear)."""
+    if any(size is None for size in sizes):
+        return None
+    big = [size for size in sizes if dims.static(size) != 1]
+    if not big:
+        return 1
+    return big[0] if all(dims.same(size, big[0]) for size in big) else None
+
+
 def reshape_targets(node: ir.Node, dims: Dims) -> list[Atom | None] | None:
     """The output dims a Reshape asks for: atoms, None for -1 or unknown entries."""
     vector = shape_vector(node.inputs[1], dims)

@@ -181,7 +181,13 @@ class _Attention23(_AttentionRule):
         mask = [bias] if bias is not None else []
         attrs = {"scale": plan.scale, **({"is_causal": 1} if plan.causal else {})}
         kv_heads = plan.k.heads if plan.k.heads == plan.v.heads else None
-        if want_flat and plan.heads and kv_heads and _flat_kv(plan, repeat) and plan.q.flat:
+        if (
+            want_flat
+            and plan.heads
+            and kv_heads
+            and _flat_kv(plan, repeat)
+            and plan.q.flat is not None
+        ):
             y = op.Attention(
                 _as_flat(op, plan.q),
                 _as_flat(op, plan.k, repeated=repeat == 1),
@@ -352,11 +358,8 @@ def _check_bias(plan: _Plan) -> None:
         raise NotFusable("an additive mask has more than 4 dims", plan.q.bnsh)
     wanted = (plan.q.dim(plan.dims, "L"), plan.k.dim(plan.dims, "L"))
     for axis, atom in zip((-2, -1), wanted, strict=True):
-        sizes = [plan.dims.ref(p, axis) for p, r in zip(parts, ranks, strict=True) if r >= -axis]
-        if not any(plan.dims.same(s, atom) for s in sizes) or not all(
-            plan.dims.same(s, atom) or plan.dims.static(s) == 1 for s in sizes
-        ):
-            plan.bias_fits = False
+        size = ap.broadcast_dim([ap.trailing_dim(p, axis, plan.dims) for p in parts], plan.dims)
+        plan.bias_fits = plan.bias_fits and plan.dims.same(size, atom)
 
 
 _TAME_FILL = -1e38  # masks like the lowest float (exp underflows to 0), sums never reach it
@@ -644,32 +647,40 @@ _FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT1
 class FuseAttentionPass(FusionPass):
     """Fuse scaled-dot-product attention subgraphs into one attention op.
 
-    Rules (both alternatives of the fusion ``attention``, the first the target runs):
-      1. ``MultiHeadAttention-merged`` / ``-4d`` (ORT targets): ``Softmax(s(Q @ Kᵀ) + M) @ V``,
-         optionally with the head merge ``Reshape(Transpose(., 0, 2, 1, 3))`` after it, becomes
-         ``com.microsoft::MultiHeadAttention(q, k, v, attention_bias=M', num_heads, scale)``.
-      2. ``Attention23-merged`` / ``-4d`` (opset >= 23): the same subgraph becomes ONNX
-         ``Attention``: 3-D with ``q_num_heads``/``kv_num_heads`` when Q, K and V are the 3-D
-         projections, else 4-D; a Trilu causal mask with S == T becomes ``is_causal``; K/V heads
-         repeated for grouped-query attention go in un-repeated (``kv_num_heads`` < heads).
+    Rules (alternatives of the fusion ``attention``: the first whose op the target runs):
+      1. ``MultiHeadAttention-merged`` / ``-4d`` (ORT targets, float32 on CPU):
+         ``Softmax(s·(Q @ Kᵀ) + M) @ V``, with the head merge ``Reshape(Transpose(., 0213))``
+         after it (merged) or not (4d), becomes ``com.microsoft::MultiHeadAttention(q, k, v,
+         attention_bias=M', num_heads, scale=s)``: q 3-D; k/v the 3-D projections, else 4-D
+         BNSH (after a cache Concat, rotary, or the repeat of grouped-query heads).
+      2. ``Attention23-merged`` / ``-4d`` (opset >= 23): the same becomes ONNX ``Attention``,
+         3-D with ``q_num_heads``/``kv_num_heads`` when Q, K and V are 3-D projections, else
+         4-D; repeated K/V heads go in un-repeated (grouped-query attention); an added Trilu
+         causal mask with S == T proven becomes ``is_causal``.
 
-    What is matched: the scale is any constant scalar (Div or Mul on the scores, Mul on Q
-    and/or on K or Kᵀ; ``scale`` is their product in float32); Q/K/V are 4-D head tensors,
-    taken back to their 3-D projections when a Reshape only splits the hidden axis and a
-    Transpose(0, 2, 1, 3) follows (Kᵀ also as Transpose(0, 2, 3, 1) or via 3-D Reshapes);
-    additive terms (key padding, causal, relative position) are summed outside the op (with
-    the scale applied when they were added before it) and expanded to [.., S, T];
-    ``Where(mask, scores, -inf or lowest)`` becomes the additive ``Where(mask, 0, -inf)``;
-    K/V concatenated with a cache stay 4-D inputs (the Concat and present outputs stay).
-    The NaN guard ``Where(IsNaN(p), 0, p)`` is dropped, except that MultiHeadAttention's
-    output is zeroed where NaN when a row may be masked entirely by -inf; Attention-23 gives
-    zeros there itself, also where the unguarded graph gives NaN (the only change it makes).
+    Matched: any constant scalar scale (Div/Mul on the scores, Mul on Q and/or K or Kᵀ;
+    ``scale`` is the product of the float32 constants, rounded to float32); Kᵀ as
+    Transpose(K, 0132), Transpose([B,T,N,D], 0231) or Reshape/Transpose(0,2,1)/Reshape;
+    Q/K/V taken back to their 3-D projections when a Reshape provably only splits the hidden
+    axis (dims proven equal from inferred shapes and the graph's own shape arithmetic);
+    a constant per-head bias on Q (Conformer's u) folded into the 3-D query. Masks: every
+    additive term (key padding, causal, relative position) is summed outside the op, scaled
+    when it was added before the scale, and expanded to [.., S, T] unless proven so;
+    ``Where(c, scores, -inf or lowest)`` becomes the term ``Where(c, 0, fill)``. A KV cache
+    Concat stays outside (present outputs untouched). Shape reads of fused-away tensors are
+    recomputed from what stays, so the exporters' shape arithmetic does not keep them alive.
 
-    Not fused: scores or probabilities used elsewhere; non-constant or non-scalar scales;
-    masked fills other than -inf or the lowest float (not additive); 3-D (bmm) attention.
-    ``com.microsoft::GroupQueryAttention`` is never emitted: it takes the mask as per-row
-    sequence lengths (right padding, causal), which no arbitrary additive mask reduces to.
-    On ORT's CPU provider MultiHeadAttention has only a float32 kernel.
+    NaN and masked rows, for finite inputs: the guard ``Where(IsNaN(p), 0, p)`` is dropped
+    when no row can be masked entirely by -inf, else MultiHeadAttention's NaN rows are
+    zeroed after it. Attention-23 zeroes rows masked entirely by -inf (its spec), also where
+    an unguarded graph gives NaN; ORT's kernel also zeroes rows of the lowest float, so
+    graph-built lowest fills are rebuilt as -1e38 (same softmax for scores below 1e30).
+
+    Not fused: scores or probabilities used elsewhere; non-constant or per-head scales;
+    fills that are not additive (not -inf or lowest); 3-D (bmm) attention; float16 for
+    MultiHeadAttention on CPU. ``com.microsoft::GroupQueryAttention`` is never emitted: it
+    takes the mask as per-row key lengths (right padding, causal), to which an arbitrary
+    additive mask does not reduce; MultiHeadAttention on the repeated K/V is exact.
     """
 
     name = "fuse-attention"
