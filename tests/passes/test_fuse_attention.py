@@ -8,7 +8,7 @@ import json
 import numpy as np
 import onnx_ir as ir
 import pytest
-from conftest import FLOAT, GOLDEN, make_model, op_types, run
+from conftest import FLOAT, GOLDEN, INT64, make_model, op_types, run
 from onnx import TensorProto, helper
 
 from onnxopt import GoldenSet, load
@@ -32,6 +32,8 @@ class Spec:
     fill: float = -np.inf
     guard: bool = False  # Where(IsNaN(p), 0, p) after Softmax
     merged: bool = True  # output Transpose + Reshape to [B, S, E]; else the 4-D context
+    merge: str = "const"  # merge target [0, 0, E]; "flat" [-1, E] (for a Gemm); "ts": a no-op
+    # Reshape of the context first, targets read with Shape, one of them also a graph output
     dtype: int = FLOAT
     opset: int = 17
 
@@ -129,11 +131,26 @@ def build(spec: Spec, rng: np.random.Generator) -> ir.Model:
         probs = g("Where", g("IsNaN", probs), scalar(0.0), probs)
     ctx = g("MatMul", probs, v)
     if spec.merged:
-        out = g("Reshape", g("Transpose", ctx, perm=[0, 2, 1, 3]), g.const([0, 0, E]))
-        outputs = {g("MatMul", out, g.weight(E, E)): (spec.dtype, None)}
+        out, outputs = _merge(g, ctx, q, v, spec.merge)
+        outputs = {g("MatMul", out, g.weight(E, E)): (spec.dtype, None), **outputs}
     else:
         outputs = {ctx: (spec.dtype, None)}
     return _model(g, inputs, outputs, spec.opset)
+
+
+def _merge(g: Graph, ctx: str, q: str, v: str, mode: str) -> tuple[str, dict]:
+    if mode != "ts":
+        target = g.const([-1, E] if mode == "flat" else [0, 0, E])
+        return g("Reshape", g("Transpose", ctx, perm=[0, 2, 1, 3]), target), {}
+
+    def dim(t: str, axis: int) -> str:
+        return g("Unsqueeze", g("Gather", g("Shape", t), g.const(axis)), g.const([0]))
+
+    same = g("Concat", dim(ctx, 0), g.const([-1]), dim(q, 2), dim(v, 3), axis=0)
+    heads_last = g("Transpose", g("Reshape", ctx, same), perm=[0, 2, 1, 3])
+    seq = dim(heads_last, 1)
+    out = g("Reshape", heads_last, g("Concat", dim(heads_last, 0), seq, g.const([-1]), axis=0))
+    return out, {seq: (INT64, None)}
 
 
 def expected_scale(spec: Spec) -> float:
@@ -248,6 +265,28 @@ def test_nan_guard_with_a_finite_fill_is_dropped(rng) -> None:
     model = build(Spec(mask="bool", guard=True, split="dyn", fill=fill), rng)
     fuse(model, rng)
     assert "IsNaN" not in op_types(model)
+
+
+@pytest.mark.parametrize("merge", ["ts", "flat"])
+def test_head_merges_as_exported_are_taken_over(merge: str, rng) -> None:
+    """TorchScript reads the merge targets with Shape (one read is a graph output here)."""
+    model = build(Spec(split="ts", merge=merge, mask="add"), rng)
+    assert fuse(model, rng).counts == {"attention": 1}
+    assert "Transpose" not in op_types(model)
+    after = _core(model)[_core(model).index(MHA) :]
+    assert after == ([MHA, "MatMul"] if merge == "ts" else [MHA, "Reshape", "MatMul"])
+
+
+def test_kt_that_is_not_a_transpose_is_not_fused(rng) -> None:
+    nodes = [
+        helper.make_node("MatMul", ["q", "kt"], ["s"]),
+        helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["y"]),
+    ]
+    inputs = {"q": [1, N, 4, D], "kt": [1, N, D, 4], "v": [1, N, 4, D]}
+    model = make_model(nodes, {k: (FLOAT, s) for k, s in inputs.items()}, {"y": (FLOAT, None)})
+    InferShapesPass()(model)
+    assert any("Kᵀ is not a transpose of K" in miss for miss in _without_fusion(model))
 
 
 def test_four_d_context_output_is_transposed_back(rng) -> None:
