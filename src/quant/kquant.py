@@ -23,7 +23,7 @@ import numpy as np
 from onnxopt.quant.blocks import Blockwise, code_range, quantize_rows, rtn_kernel
 
 # Offsets (in levels) of the extreme value's target level around round-to-nearest.
-GRID = np.linspace(-0.9, 0.9, 10, dtype=np.float32)
+GRID = np.linspace(-0.8, 0.8, 5, dtype=np.float32)
 REFINE_STEPS = 2
 
 
@@ -62,31 +62,57 @@ def kquant_kernel(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """k-quant on blocks ``x [B, n]`` with importance ``w [B, n]``: codes, scales, zero points."""
     max_code, mid, _ = code_range(bits)
-    q0, _, z0 = rtn_kernel(x, w, bits, symmetric)
+    _, s0, z0 = rtn_kernel(x, w, bits, symmetric)
     z = np.full(len(x), mid, np.float32) if z0 is None else z0.astype(np.float32)
     # At 8 bits the error is ~1e-5 of the signal: float32 sums could not tell candidates apart.
     exact = np.float64 if bits > 4 else np.float32
-    best = _Best(x, w, q0.astype(np.float32) - z[:, None], z, exact)
+    best = _Best(x, w, max_code, symmetric, exact)
+    best.offer(_inverse(s0), z)
     if symmetric:
         _search_symmetric(best, bits)
     else:
         _search_asymmetric(best, max_code)
     for _ in range(REFINE_STEPS):
         _refine(best, max_code, symmetric)
-    codes = (best.levels + best.zero_points[:, None]).astype(np.uint8)
+    codes = best.levels(best.multipliers, best.zero_points) + best.zero_points[:, None]
     zero_points = None if symmetric else best.zero_points.astype(np.uint8)
-    return codes, best.scales.astype(np.float32), zero_points
+    return codes.astype(np.uint8), best.scales.astype(np.float32), zero_points
+
+
+def _inverse(values: np.ndarray) -> np.ndarray:
+    return np.divide(1.0, values, out=np.zeros_like(values), where=values != 0)
 
 
 class _Best:
-    """The best levels, zero points and least-squares scales found so far, per block."""
+    """Per block, the best candidate so far: ``levels = clip(rint(x * m), -z, max_code - z)``.
+
+    A candidate is its multiplier ``m`` and zero point ``z`` (the levels are recomputed once at
+    the end), with its least-squares scale and the error it removes (``gain``).
+    """
 
     def __init__(
-        self, x: np.ndarray, w: np.ndarray, levels: np.ndarray, z: np.ndarray, dtype: type
+        self, x: np.ndarray, w: np.ndarray, max_code: int, symmetric: bool, dtype: type
     ) -> None:
-        self.x, self.w, self.wx, self.dtype = x, w, w * x, dtype
-        self.levels, self.zero_points = levels, z
-        self.scales, self.gain = self.fit(levels)
+        self.x, self.w, self.wx, self.dtype, self.max_code = x, w, w * x, dtype, max_code
+        self.symmetric_zero = (max_code + 1) // 2 if symmetric else None
+        self.multipliers = np.zeros(len(x), np.float32)
+        self.zero_points = np.zeros(len(x), np.float32)
+        self.scales = np.zeros(len(x), dtype)
+        self.gain = np.full(len(x), -np.inf, dtype)
+        self._buffer = np.empty_like(x)
+        self._weighted = np.empty_like(x)
+
+    def levels(self, multipliers: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """The candidate's levels, in a reused buffer (clipped with scalar bounds: fast)."""
+        levels = np.multiply(self.x, multipliers[:, None], out=self._buffer)
+        np.rint(levels, out=levels)
+        if self.symmetric_zero is not None:
+            low = -self.symmetric_zero
+            return np.clip(levels, low, self.max_code + low, out=levels)
+        levels += z[:, None]
+        np.clip(levels, 0, self.max_code, out=levels)
+        levels -= z[:, None]
+        return levels
 
     def fit(self, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Least-squares scales for ``levels`` and the error they remove, ``sxl^2 / sll``.
@@ -94,22 +120,20 @@ class _Best:
         The weighted error is ``sum(w x^2) - gain``, so a larger gain is a smaller error.
         """
         sxl = np.einsum("ij,ij->i", self.wx, levels, dtype=self.dtype)
-        sll = np.einsum("ij,ij->i", self.w * levels, levels, dtype=self.dtype)
+        weighted = np.multiply(self.w, levels, out=self._weighted)
+        sll = np.einsum("ij,ij->i", weighted, levels, dtype=self.dtype)
         ok = sll > 0
         scales = np.divide(sxl, sll, out=np.zeros_like(sxl), where=ok)
         return scales, np.where(ok, sxl * scales, 0)
 
-    def offer(self, levels: np.ndarray, z: np.ndarray | None = None) -> None:
-        """Keep ``levels`` (and zero points ``z``) for the blocks where they lower the error."""
-        scales, gain = self.fit(levels)
+    def offer(self, multipliers: np.ndarray, z: np.ndarray) -> None:
+        """Keep the candidate for the blocks where it lowers the error."""
+        scales, gain = self.fit(self.levels(multipliers, z))
         better = gain > self.gain
-        if not better.any():
-            return
-        np.copyto(self.levels, levels, where=better[:, None])
+        self.multipliers = np.where(better, multipliers, self.multipliers)
+        self.zero_points = np.where(better, z, self.zero_points)
         self.scales = np.where(better, scales, self.scales)
         self.gain = np.where(better, gain, self.gain)
-        if z is not None:
-            self.zero_points = np.where(better, z, self.zero_points)
 
 
 def _search_symmetric(best: _Best, bits: int) -> None:
@@ -117,15 +141,11 @@ def _search_symmetric(best: _Best, bits: int) -> None:
     _, mid, top = code_range(bits)
     x = best.x
     index = np.argmax(np.abs(x), axis=1)
-    extreme = np.take_along_axis(x, index[:, None], axis=1)[:, 0]
-    inverse = np.divide(1.0, extreme, out=np.zeros_like(extreme), where=extreme != 0)
-    levels = np.empty_like(x)
+    inverse = _inverse(np.take_along_axis(x, index[:, None], axis=1)[:, 0])
+    z = np.full(len(x), mid, np.float32)
     for target in (-mid, top):
         for offset in GRID:
-            np.multiply(x, (inverse * (target + offset))[:, None], out=levels)
-            np.rint(levels, out=levels)
-            np.clip(levels, -mid, top, out=levels)
-            best.offer(levels)
+            best.offer(inverse * (target + offset), z)
 
 
 def _search_asymmetric(best: _Best, max_code: int) -> None:
@@ -133,23 +153,15 @@ def _search_asymmetric(best: _Best, max_code: int) -> None:
     x = best.x
     low = np.minimum(x.min(axis=1), 0)
     span = np.maximum(x.max(axis=1), 0) - low
-    levels = np.empty_like(x)
     for offset in GRID:
         inverse = np.divide(max_code + offset, span, out=np.zeros_like(span), where=span > 0)
-        z = np.clip(np.rint(-low * inverse), 0, max_code)
-        np.multiply(x, inverse[:, None], out=levels)
-        np.rint(levels, out=levels)
-        np.clip(levels, -z[:, None], (max_code - z)[:, None], out=levels)
-        best.offer(levels, z)
+        best.offer(inverse, np.clip(np.rint(-low * inverse), 0, max_code))
 
 
 def _refine(best: _Best, max_code: int, symmetric: bool) -> None:
-    """Round to the nearest levels for the best scales (and nearby zero points), then re-fit."""
-    x = best.x
-    inverse = np.divide(1.0, best.scales, out=np.zeros_like(best.scales), where=best.scales != 0)
-    levels = x * inverse[:, None]
-    np.rint(levels, out=levels)
+    """Nearest levels for the best scales (and nearby zero points), then re-fit the scales."""
+    inverse = _inverse(best.scales).astype(np.float32)
     shifts = (0,) if symmetric else (0, -1, 1)
+    zero_points = best.zero_points
     for shift in shifts:
-        z = np.clip(best.zero_points + shift, 0, max_code)
-        best.offer(np.clip(levels, -z[:, None], (max_code - z)[:, None]), z)
+        best.offer(inverse, np.clip(zero_points + shift, 0, max_code))

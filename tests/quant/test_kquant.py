@@ -29,10 +29,10 @@ def test_never_worse_than_rtn(rng, bits, symmetric, importance):
 
 @pytest.mark.parametrize("dist", ["normal", "laplace"])
 @pytest.mark.parametrize(
-    ("symmetric", "max_total_excess", "min_at_optimum"), [(True, 0.002, 0.9), (False, 0.02, 0.8)]
+    ("symmetric", "max_total_excess", "min_at_optimum"), [(True, 0.005, 0.75), (False, 0.02, 0.75)]
 )
 def test_close_to_the_brute_force_optimum(rng, dist, symmetric, max_total_excess, min_at_optimum):
-    """Block 32, 4 bits: symmetric within 0.2 % of the optimum in total, asymmetric within 2 %."""
+    """Block 32, 4 bits: symmetric within 0.5 % of the optimum in total, asymmetric within 2 %."""
     x = _blocks(rng, 120, 32, dist)
     w = np.ones_like(x)
     ours = weighted_error(x, w, *kquant.kquant_kernel(x, w, 4, symmetric), 4)

@@ -1,0 +1,302 @@
+"""Benchmark onnxopt's quant-int4 / quant-int8 against ONNX Runtime's own quantizers.
+
+Run it (about 6 minutes on 2 cores; ``--big`` adds ~15 more)::
+
+    /work/venv/bin/python benchmarks/quant/run.py [--json /tmp/quant.json] [--big]
+
+Tools (4-bit ones at block 32, symmetric, accuracy_level 4; each in a fresh child process that
+loads, quantizes and saves; wall time and ``ru_maxrss`` come from ``big_model.measure``):
+
+- ``onnxopt-int4-rtn`` / ``onnxopt-int4-kquant``: ``quant-int4(algo=...)`` on a lazily loaded
+  model, saved with ``model_io.save`` (no golden verification: the pass alone, like the others);
+  ``onnxopt-int4-kquant-asym``: with ``symmetric=false`` (zero points, as ORT's k_quant stores).
+- ``onnxopt-int8``: ``quant-int8`` (8-bit MatMulNBits, RTN); ``onnxopt-int8-dyn``:
+  ``quant-int8(format=dynamic)`` (DynamicQuantizeMatMul, int8 per channel).
+- ``ort-rtn`` / ``ort-kquant`` / ``ort-default``: ``MatMulNBitsQuantizer`` with
+  ``RTNWeightOnlyQuantConfig`` / ``KQuantWeightOnlyQuantConfig`` / its default (C++) config.
+- ``ort-dynamic``: ``quantize_dynamic`` (QInt8 weights, its defaults).
+
+Models: ``golden/whisper_encoder.onnx`` (2 MB, real exporter graph, random torch weights) and
+``stack``: ``big_model.py``'s builder at hidden 384, FFN 1536, 4 blocks (28 MB, Gaussian
+weights; a Whisper-tiny-sized MatMul stack). ``--big`` quantizes the 2.4 GB model
+(``/tmp/onnxopt-big``, built if missing) with the 4-bit tools only, for time and memory.
+
+Columns: ``time`` (the child's wall time: interpreter start, imports, load, quantize, save;
+seconds), ``rss_mib`` (the child's peak RSS, VmHWM, file-backed pages of memory-mapped weights
+included), ``anon_mib`` (peak anonymous RSS, sampled every 0.1 s), ``size`` (output / fp32
+bytes), ``cos`` / ``rel_l2`` / ``snr`` (outputs against fp32 on seeded random inputs, ORT with
+its default optimizations, so accuracy_level 4 is in effect), ``w_err`` (mean relative squared
+error of the MatMulNBits weights read back against the float ones), ``lat1`` / ``lat2`` (ORT
+latency at 1 and 2 threads over fp32's: best of 18 runs each, quantized and fp32 alternating).
+``size`` counts the bytes a model's tensors reference: ORT's RTN/k_quant outputs keep pointing
+into the input's data file for the tensors they leave alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import big_model  # noqa: E402
+
+WORK = Path("/tmp/onnxopt-quant-bench")
+TOOLS = [
+    "onnxopt-int4-rtn",
+    "onnxopt-int4-kquant",
+    "onnxopt-int4-kquant-asym",
+    "onnxopt-int8",
+    "onnxopt-int8-dyn",
+    "ort-rtn",
+    "ort-kquant",
+    "ort-default",
+    "ort-dynamic",
+]
+BIG_TOOLS = ["onnxopt-int4-rtn", "onnxopt-int4-kquant", "ort-rtn", "ort-kquant", "ort-default"]
+
+
+# ---------------------------------------------------------------- the tools (child processes)
+
+
+def run_tool(tool: str, source: Path, out: Path) -> None:
+    """Load ``source``, quantize with ``tool``, save to ``out`` (external data when large)."""
+    large = big_model.model_size(source) > 1 << 30
+    if tool.startswith("onnxopt"):
+        from onnxopt import model_io
+        from onnxopt.passes.quant_int4 import QuantInt4Pass
+        from onnxopt.passes.quant_int8 import QuantInt8Pass
+
+        passes = {
+            "onnxopt-int4-rtn": QuantInt4Pass(algo="rtn"),
+            "onnxopt-int4-kquant": QuantInt4Pass(algo="kquant"),
+            "onnxopt-int4-kquant-asym": QuantInt4Pass(algo="kquant", symmetric=False),
+            "onnxopt-int8": QuantInt8Pass(),
+            "onnxopt-int8-dyn": QuantInt8Pass(format="dynamic"),
+        }
+        model = model_io.load(source)
+        passes[tool](model)
+        model_io.save(model, out, external_data=large)
+        return
+    logging.disable(logging.WARNING)
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    if tool == "ort-dynamic":
+        quantize_dynamic(source, out, weight_type=QuantType.QInt8, use_external_data_format=large)
+        return
+    configs = {
+        "ort-rtn": mnq.RTNWeightOnlyQuantConfig(),
+        "ort-kquant": mnq.KQuantWeightOnlyQuantConfig(),
+        "ort-default": None,
+    }
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress bar
+        quantizer = mnq.MatMulNBitsQuantizer(
+            str(source),
+            block_size=32,
+            is_symmetric=True,
+            accuracy_level=4,
+            algo_config=configs[tool],
+        )
+        quantizer.process()
+    quantizer.model.save_model_to_file(str(out), use_external_data_format=large)
+
+
+# ---------------------------------------------------------------- models and inputs
+
+
+def prepare_models(big: bool) -> dict[str, tuple[Path, dict[str, np.ndarray]]]:
+    """The models with their feeds (shape of the first case is used for latency)."""
+    rng = np.random.default_rng(0)
+    stack = WORK / "stack" / big_model.MODEL_NAME
+    if not stack.exists():
+        big_model.build(stack.parent, gb=0.028, hidden=384, ffn=1536)
+    models = {
+        "whisper": (ROOT / "golden" / "whisper_encoder.onnx", {"mel": (2, 80, 400)}),
+        "stack": (stack, {"x": (64, 384)}),
+    }
+    if big:
+        path = big_model.DEFAULT_OUT / big_model.MODEL_NAME
+        if not path.exists():
+            big_model.build(path.parent, gb=2.4, hidden=2048, ffn=8192)
+        models["big-2.4GB"] = (path, {})
+    return {
+        name: (path, {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()})
+        for name, (path, shapes) in models.items()
+    }
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def latency_ratio(fp32: Path, quantized: Path, feeds, threads: int, rounds: int = 6) -> float:
+    """Best-of latency of ``quantized`` over ``fp32``'s, the two run in alternation.
+
+    Alternating and taking the minimum keeps other load on the machine out of the ratio.
+    """
+    sessions = [session(fp32, threads), session(quantized, threads)]
+    best = [float("inf"), float("inf")]
+    for sess in sessions:
+        sess.run(None, feeds)
+    for _ in range(rounds):
+        for i, sess in enumerate(sessions):
+            for _ in range(3):
+                start = time.perf_counter()
+                sess.run(None, feeds)
+                best[i] = min(best[i], time.perf_counter() - start)
+    return best[1] / best[0]
+
+
+def output_error(reference: list[np.ndarray], path: Path, feeds) -> dict[str, float]:
+    from onnxopt.metrics import Tolerance, compare
+
+    outputs = session(path, 2).run(None, feeds)
+    worst = None
+    for exp, act in zip(reference, outputs, strict=True):
+        m = compare(exp, act, Tolerance())
+        worst = m if worst is None else worst.merge(m)
+    return {"cos": worst.cosine, "rel_l2": worst.rel_l2, "snr": worst.snr_db}
+
+
+def weight_error(source: Path, quantized: Path) -> float | None:
+    """Mean over MatMulNBits nodes of |W_q - W|^2 / |W|^2, matched by output name."""
+    import onnx_ir as ir
+
+    from onnxopt.quant import packing
+
+    original = ir.load(source)
+    weights = {}
+    for node in original.graph:
+        if node.op_type == "MatMul" and node.inputs[1].const_value is not None:
+            weights[node.outputs[0].name] = node.inputs[1]
+    model = ir.load(quantized)
+    errors = []
+    for node in model.graph:
+        if node.op_type != "MatMulNBits" or node.outputs[0].name not in weights:
+            continue
+        ins = [v.const_value.numpy() if v is not None else None for v in node.inputs[1:4]]
+        ins += [None] * (3 - len(ins))
+        zp = ins[2] if ins[2] is not None and ins[2].dtype == np.uint8 else None
+        bits, k = node.attributes["bits"].value, node.attributes["K"].value
+        back = packing.from_matmul_nbits(ins[0], ins[1], zp, bits=bits, k=k).dequantize()
+        w = weights[node.outputs[0].name].const_value.numpy().T
+        errors.append(float(np.sum((back - w) ** 2) / np.sum(w**2)))
+    return float(np.mean(errors)) if errors else None
+
+
+def peak_rss() -> int:
+    """This process's own peak RSS (VmHWM): unlike ``ru_maxrss`` it does not carry over the
+    parent's RSS from before ``exec``."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def model_bytes(path: Path) -> int:
+    """The .onnx file plus the external bytes its tensors reference (not whole data files)."""
+    import onnx
+
+    proto = onnx.load(path, load_external_data=False)
+    total = path.stat().st_size
+    for tensor in proto.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            total += int({e.key: e.value for e in tensor.external_data}.get("length", 0))
+    return total
+
+
+def measure_tool(tool: str, source: Path, out: Path) -> big_model.Measurement:
+    argv = [sys.executable, __file__, "worker", tool, str(source), str(out)]
+    return big_model.measure(tool, argv, interval=0.1)
+
+
+def bench_model(name: str, source: Path, feeds, tools: list[str], quality: bool) -> list[dict]:
+    folder = WORK / name
+    folder.mkdir(parents=True, exist_ok=True)
+    fp32_size = model_bytes(source)
+    rows = []
+    if quality:
+        reference = session(source, 2).run(None, feeds)
+    for tool in tools:
+        out = folder / f"{tool}.onnx"
+        m = measure_tool(tool, source, out)
+        row = {"model": name, "tool": tool, "time": m.wall_s}
+        hwm = out.with_name(out.name + ".hwm")
+        row["rss_mib"] = int(hwm.read_text()) / 2**20 if hwm.exists() else None
+        row["anon_mib"] = m.peak_tree_anon / 2**20
+        if m.returncode != 0:
+            row["error"] = f"exit {m.returncode}"
+            rows.append(row)
+            continue
+        row["size"] = model_bytes(out) / fp32_size
+        if quality:
+            row |= output_error(reference, out, feeds)
+            row["w_err"] = weight_error(source, out)
+            for t in (1, 2):
+                row[f"lat{t}"] = latency_ratio(source, out, feeds, t)
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    cols = ["model", "tool", "time", "rss_mib", "anon_mib", "size", "cos", "rel_l2", "snr"]
+    cols += ["w_err", "lat1", "lat2"]
+    formats = {"time": "{:.2f}", "rss_mib": "{:.0f}", "anon_mib": "{:.0f}", "size": "{:.3f}"}
+    formats |= {"cos": "{:.5f}", "rel_l2": "{:.4f}", "snr": "{:.2f}", "w_err": "{:.5f}"}
+    formats |= {"lat1": "{:.2f}", "lat2": "{:.2f}"}
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        cells = []
+        for col in cols:
+            value = row.get(col)
+            cells.append("-" if value is None else formats.get(col, "{}").format(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "worker":
+        out = Path(sys.argv[4])
+        run_tool(sys.argv[2], Path(sys.argv[3]), out)
+        out.with_name(out.name + ".hwm").write_text(str(peak_rss()))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--big", action="store_true", help="also the 2.4 GB model (time, RSS)")
+    parser.add_argument("--big-only", action="store_true")
+    parser.add_argument("--tools", nargs="*", default=TOOLS)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, (path, feeds) in prepare_models(args.big or args.big_only).items():
+        big = name.startswith("big")
+        if big != args.big_only and not (big and args.big):
+            continue
+        tools = [t for t in args.tools if t in BIG_TOOLS] if big else args.tools
+        rows += bench_model(name, path, feeds, tools, quality=not big)
+    print(table(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
