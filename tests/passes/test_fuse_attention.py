@@ -26,7 +26,8 @@ class Spec:
 
     split: str = "const"  # Reshape target: const [0, 0, N, D], "ts" Shape/Gather/Concat, "dyn"
     key: str = "0132"  # Kᵀ: Transpose(K, 0132), Transpose(k, 0231) of [B,T,N,D], "3d" Reshapes
-    scale: str = "div"  # div/mul on the scores, "q" on Q, "qk" sqrt on Q and Kᵀ, "none"
+    scale: str = "div"  # div/mul on the scores, "q" on Q, "qk" sqrt on Q and Kᵀ, "none",
+    # "sdpa": TorchScript's SDPA, sqrt(1/sqrt(d)) on Q and Kᵀ computed from Shape(Q)
     scale_value: float = D**-0.5
     mask: str = ""  # "", "add" [B,1,1,T], "full" [B,1,S,T], "where" fill, "bool" Where then Add
     fill: float = -np.inf
@@ -111,6 +112,10 @@ def build(spec: Spec, rng: np.random.Generator) -> ir.Model:
         q = g("Mul", q, scalar(s))
     elif spec.scale == "qk":
         q, kt = g("Mul", q, scalar(np.sqrt(s))), g("Mul", scalar(np.sqrt(s)), kt)
+    elif spec.scale == "sdpa":
+        size = g("Slice", g("Shape", q), g.const([-1]), g.const([2**62]))
+        root = g("Sqrt", g("Div", scalar(1.0), g("Sqrt", g("Cast", size, to=spec.dtype))))
+        q, kt = g("Mul", q, root), g("Mul", kt, root)
     scores = g("MatMul", q, kt)
     if spec.scale == "div":
         scores = g("Div", scores, scalar(1 / s))
@@ -157,7 +162,9 @@ def expected_scale(spec: Spec) -> float:
     """The product of the float32 constants the graph scales with, rounded to float32."""
     f32 = lambda value: float(np.float32(value))  # noqa: E731
     s = spec.scale_value
-    factor = {"div": 1 / f32(1 / s), "qk": f32(np.sqrt(s)) ** 2}.get(spec.scale, f32(s))
+    root = f32(np.sqrt(f32(1) / f32(np.sqrt(D))))  # float32 ops, as ORT computes the graph's
+    factor = {"div": 1 / f32(1 / s), "qk": f32(np.sqrt(s)) ** 2, "sdpa": root * root}
+    factor = factor.get(spec.scale, f32(s))
     return f32(factor)
 
 
@@ -221,8 +228,17 @@ PROJECTIONS = ["MatMul", "Add", "MatMul", "Add", "MatMul", "Add"]
         Spec(split="dyn", scale="qk", key="3d", mask="add"),
         Spec(split="ts", scale="qk", key="0231", mask="full", scale_value=0.2),
         Spec(scale="none", mask="add", scale_value=1.0),
+        Spec(split="ts", scale="sdpa", key="0231", mask="full"),
     ],
-    ids=["const-div", "ts-mul", "dynamo-q-0231", "dynamo-sdpa-3d", "ts-sdpa-custom", "unscaled"],
+    ids=[
+        "const-div",
+        "ts-mul",
+        "dynamo-q-0231",
+        "dynamo-sdpa-3d",
+        "ts-qk-custom",
+        "unscaled",
+        "ts-sdpa",
+    ],
 )
 def test_encoder_attention_becomes_multi_head_attention(spec: Spec, rng) -> None:
     model = build(spec, rng)
