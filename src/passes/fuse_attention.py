@@ -10,7 +10,6 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from onnxopt.fusion import Fusion, FusionPass
-from onnxopt.pass_api import PassResult
 from onnxopt.passes import _attention_patterns as ap
 from onnxopt.passes._attention_patterns import Dims, Heads, NotFusable, Step
 from onnxopt.registry import register_pass
@@ -586,8 +585,8 @@ def _rules(cls: type[_AttentionRule], dtypes: frozenset[ir.DataType], pending: l
     ]
 
 
-def _reroute(model: ir.Model, pending: list) -> bool:
-    """Point the Shape reads of fused-away tensors at what stays; False if none was applied."""
+def _reroute(model: ir.Model, pending: list) -> None:
+    """Point the Shape reads of fused-away tensors at what stays (before dead nodes go)."""
     applied = False
     for y, layout, reads in pending:
         node = y.producer()
@@ -611,7 +610,6 @@ def _reroute(model: ir.Model, pending: list) -> bool:
             applied = True
     if applied:
         model.graph.sort()
-    return applied
 
 
 def _shape_in_layout(tape, base: ir.Value, layout: str, read: _ShapeRead) -> ir.Value:
@@ -689,16 +687,25 @@ class FuseAttentionPass(FusionPass):
         cpu = "CPUExecutionProvider" in target.source or target.name == "ort-cpu"
         mha_types = frozenset({ir.DataType.FLOAT}) if cpu else _FLOATS
         a23_types = _FLOATS | {ir.DataType.DOUBLE}
-        pending = self._pending
+        self._pending: list = []  # what the applied rewrites leave to ``after_fusions``
+        hint = "; ONNX Attention needs a model at opset 23"
         return [
-            Fusion("attention", _rules(_MultiHeadAttention, mha_types, pending), [MHA]),
-            Fusion("attention", _rules(_Attention23, a23_types, pending), [ATTENTION]),
+            Fusion(
+                "attention",
+                _rules(_MultiHeadAttention, mha_types, self._pending),
+                [MHA],
+                anchors=("Softmax",),
+                hint=hint,
+            ),
+            Fusion(
+                "attention",
+                _rules(_Attention23, a23_types, self._pending),
+                [ATTENTION],
+                anchors=("Softmax",),
+                hint=hint,
+            ),
         ]
 
-    def call(self, model: ir.Model) -> PassResult:
-        self._pending: list = []
-        result = super().call(model)
-        if _reroute(model, self._pending):
-            ir.passes.common.RemoveUnusedNodesPass()(model)
-        self._pending = []
-        return result
+    def after_fusions(self, model: ir.Model) -> None:
+        _reroute(model, self._pending)
+        self._pending.clear()
