@@ -10,13 +10,19 @@ from onnx_ir.passes.common import _c_api_utils
 
 from onnxopt.pass_api import Pass, PassResult
 from onnxopt.registry import register_pass
+from onnxopt.symbolic_shapes import unify_dims
 
 logger = logging.getLogger(__name__)
 
 
 @register_pass
 class InferShapesPass(Pass):
-    """Annotate values with inferred types and shapes (counted as values that gained some)."""
+    """Annotate values with inferred types and shapes (counted as values that gained some).
+
+    After ONNX inference, dims it made up (``unk__N``) that are provably a known dim (a Reshape
+    to a shape read from another value, a broadcast of agreeing dims) are renamed everywhere,
+    so equal dims share one name (see ``onnxopt.symbolic_shapes``).
+    """
 
     name = "infer-shapes"
     kind = "exact"
@@ -37,6 +43,7 @@ class InferShapesPass(Pass):
             logger.warning("shape inference failed, model left unchanged: %s", err)
             return PassResult(model, False, notes=[f"shape inference failed: {err}"])
         _merge(model, inferred)
+        unify_dims(model.graph)
         after = _annotations(model)
         changed = sum(1 for key, info in after.items() if before.get(key) != info)
         counts = {"values-annotated": changed} if changed else {}
