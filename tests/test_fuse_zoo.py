@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+import onnx
 import pytest
 from conftest import GOLDEN
 
@@ -22,16 +23,49 @@ MS = "com.microsoft::"
 GROUPS = {
     "attention": [f"{MS}MultiHeadAttention", f"{MS}Attention", f"{MS}GroupQueryAttention"],
     "skip-norm": [f"{MS}SkipLayerNormalization", f"{MS}SkipSimplifiedLayerNormalization"],
-    "gelu": [f"{MS}Gelu", f"{MS}FastGelu", f"{MS}BiasGelu", f"{MS}QuickGelu", "Gelu"],
+    "gelu": [f"{MS}Gelu", f"{MS}FastGelu", f"{MS}BiasGelu", f"{MS}QuickGelu", "Gelu"],  # + SiLU
 }
 # What each model cannot fuse yet, and why; strict, so a fix makes the test fail until removed.
-KNOWN_MISSES: dict[tuple[str, str], str] = {}
+_EMBEDDINGS = "the position embeddings' sequence dim is not provably the input's (Min(64, seq))"
+_CONV_SEQ = "shape inference loses the conv module's sequence dim, so residual shapes are unproven"
+KNOWN_MISSES: dict[tuple[str, str], str] = {
+    ("bert_ts.onnx", "skip-norm"): _EMBEDDINGS,
+    ("bert_dynamo.onnx", "skip-norm"): _EMBEDDINGS,
+    ("wav2vec2_ts.onnx", "skip-norm"): _CONV_SEQ + " (positional conv Add)",
+    ("conformer_ts.onnx", "skip-norm"): _CONV_SEQ,
+    ("conformer_rotary_ts.onnx", "skip-norm"): _CONV_SEQ,
+    ("parakeet_ts.onnx", "skip-norm"): _CONV_SEQ,
+    ("gpt2_ts.onnx", "skip-norm"): "the causal-mask Expand loses the batch dim of the attention",
+    ("gpt2_kv_ts.onnx", "skip-norm"): "the causal-mask Expand loses the batch dim of the attention",
+}
 
 
-def _expected(entry: dict) -> dict[str, int]:
-    inv = entry["inventory"]
-    residual = inv["add_layer_norm"] + inv.get("embed_add_layer_norm", 0) + inv.get("add_rms_norm", 0)
-    return {"attention": inv["attention"], "skip-norm": residual, "gelu": inv["gelu"]}
+def _silu_count(name: str) -> int:
+    """``x * sigmoid(x)`` in the exported graph (SiLU fuses into QuickGelu(alpha=1))."""
+    model = onnx.load(ZOO / name, load_external_data=False)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name_in in node.input:
+            consumers.setdefault(name_in, []).append(node)
+    return sum(
+        1
+        for node in model.graph.node
+        if node.op_type == "Sigmoid"
+        for user in consumers.get(node.output[0], [])
+        if user.op_type == "Mul" and node.input[0] in user.input
+    )
+
+
+def _expected(name: str) -> dict[str, int]:
+    inv = MODELS[name]["inventory"]
+    residual = sum(
+        inv.get(k, 0) for k in ("add_layer_norm", "embed_add_layer_norm", "add_rms_norm")
+    )
+    return {
+        "attention": inv["attention"],
+        "skip-norm": residual,
+        "gelu": inv["gelu"] + _silu_count(name),
+    }
 
 
 def _cases() -> list:
@@ -63,7 +97,7 @@ def test_every_block_is_fused(fused, name: str, group: str) -> None:
     model, report = _fuse(fused, name)
     assert report.ok, [(p.name, p.reason) for p in report.failed]
     histogram = op_histogram(model)
-    assert sum(histogram[op] for op in GROUPS[group]) == _expected(MODELS[name])[group]
+    assert sum(histogram[op] for op in GROUPS[group]) == _expected(name)[group]
 
 
 @pytest.mark.parametrize("name", ["bert_ts.onnx", "whisper_dynamo.onnx", "llama_ts.onnx"])
