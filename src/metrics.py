@@ -16,6 +16,9 @@ class Tolerance:
 
     ``atol``/``rtol`` apply elementwise (``|a - b| <= atol + rtol * |b|``); ``min_cosine`` and
     ``min_snr_db`` apply to each output as a whole. Integer, bool and string outputs must be equal.
+    For half-precision outputs (float16, bfloat16) ``atol`` and ``rtol`` are at least
+    ``HALF_ULPS`` units of that type's epsilon: a fused kernel rounds once where the subgraph
+    rounded at every step, which moves a half result by an ulp or two.
     """
 
     atol: float | None = None
@@ -33,6 +36,8 @@ class Tolerance:
         parts = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)]
         return ", ".join(p for p in parts if not p.endswith("=None"))
 
+
+HALF_ULPS = 4
 
 DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "exact": Tolerance(atol=1e-4, rtol=1e-3),
@@ -116,12 +121,16 @@ def compare(expected: np.ndarray, actual: np.ndarray, tol: Tolerance, name: str 
     if nan_mismatch or inf_mismatch:
         failures.append("NaN/Inf positions differ")
     if tol.atol is not None or tol.rtol is not None:
-        bound = (tol.atol or 0.0) + (tol.rtol or 0.0) * np.abs(exp)
+        atol, rtol = tol.atol or 0.0, tol.rtol or 0.0
+        if expected.dtype.itemsize <= 2:
+            floor = HALF_ULPS * float(np.finfo(expected.dtype).eps)
+            atol, rtol = max(atol, floor), max(rtol, floor)
+        bound = atol + rtol * np.abs(exp)
         over = np.abs(diff) > bound
         if np.any(over):
             index = np.unravel_index(int(np.argmax(np.abs(diff) - bound)), diff.shape)
             failures.append(
-                f"{int(over.sum())} of {diff.size} values outside atol={tol.atol}, rtol={tol.rtol} "
+                f"{int(over.sum())} of {diff.size} values outside atol={atol:g}, rtol={rtol:g} "
                 f"(max abs {max_abs:.3g}; worst at {tuple(int(i) for i in index)})"
             )
     if tol.min_cosine is not None and cosine < tol.min_cosine:

@@ -65,3 +65,14 @@ def test_tolerance_replace_rejects_unknown_keys() -> None:
     assert EXACT.replace(atol=1.0).atol == 1.0
     with pytest.raises(UsageError):
         EXACT.replace(tol=1.0)
+
+
+def test_half_precision_outputs_get_a_few_ulps_of_slack() -> None:
+    tol = Tolerance(atol=1e-4, rtol=1e-3)
+    golden = np.array([2.0, -3.5, 0.25], np.float16)
+    two_ulps = np.nextafter(np.nextafter(golden, np.float16(np.inf)), np.float16(np.inf))
+    assert compare(golden, two_ulps, tol).passed  # 2**-8 apart at 2.0: rtol 1e-3 alone fails
+    assert not compare(golden.astype(np.float32), two_ulps.astype(np.float32), tol).passed
+    far = (golden.astype(np.float32) * 1.01).astype(np.float16)  # ~10 ulps
+    result = compare(golden, far, tol)
+    assert not result.passed and "rtol=0.00390625" in result.reason
