@@ -133,16 +133,23 @@ class StreamingSession:
     Args:
         model: A streaming model (an onnx-ir model or a path).
         optimized: Let ONNX Runtime optimize the graph (off by default, as for verification).
+        session_options: ONNX Runtime options to use instead (threads, optimization level).
     """
 
-    def __init__(self, model: ir.Model | str | os.PathLike, *, optimized: bool = False) -> None:
+    def __init__(
+        self,
+        model: ir.Model | str | os.PathLike,
+        *,
+        optimized: bool = False,
+        session_options: ort.SessionOptions | None = None,
+    ) -> None:
         if not isinstance(model, ir.Model):
             model = model_io.load(Path(model))
         spec = StreamSpec.read(model)
         if spec is None:
             raise UsageError(f"the model has no '{METADATA_KEY}' metadata: it is not streaming")
         self.spec = spec
-        self._run = _ort_runner(model, optimized)
+        self._run = _ort_runner(model, optimized, session_options)
 
     def initial_state(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Every state's value before the first chunk, sized for the batch in ``feeds``."""
@@ -215,13 +222,16 @@ def _cut(array: np.ndarray, axis: int | None, start: int, size: int) -> np.ndarr
     return np.ascontiguousarray(array[tuple(index)])
 
 
-def _ort_runner(model: ir.Model, optimized: bool):
-    """A function running ``model`` on a feed dict: ORT optimizations off unless ``optimized``."""
-    if not optimized:
+def _ort_runner(
+    model: ir.Model, optimized: bool, options: ort.SessionOptions | None
+) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """A function running ``model`` on a feed dict: ORT optimizations off unless asked for."""
+    if not optimized and options is None:
         return RunnableModel(model).run
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
+    if options is None:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
     proto = ir.to_proto(model).SerializeToString()
     session = ort.InferenceSession(proto, options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]

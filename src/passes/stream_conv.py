@@ -139,20 +139,24 @@ def _check_causal(node: ir.Node, window: _Window) -> None:
     reach = (window.kernel - 1) * window.dilation
     if window.after > 0:
         raise NotStreamable(
-            node, f"pads {window.after} frames after the input: it reads future frames"
+            node, f"pads {_frames(window.after)} after the input: it reads future frames"
         )
     if window.before < reach:
         raise NotStreamable(
             node,
-            f"reads {reach - window.before} future frames (left padding {window.before} < "
+            f"reads {_frames(reach - window.before)} ahead (left padding {window.before} < "
             f"(kernel-1)*dilation = {reach})",
         )
     if window.before > reach:
         raise NotStreamable(
-            node, f"pads {window.before} frames before a reach of {reach} (a delay; unsupported)"
+            node, f"pads {_frames(window.before)} before a reach of {reach} (a delay; unsupported)"
         )
     if node.op_type == "AveragePool" and reach and not int_attr(node, "count_include_pad", 0):
         raise NotStreamable(node, "averages without counting padding (count_include_pad=0)")
+
+
+def _frames(count: int) -> str:
+    return f"{count} frame" if count == 1 else f"{count} frames"
 
 
 @family("conv")

@@ -167,8 +167,8 @@ def test_causal_pools_keep_caches_too(rng) -> None:
 @pytest.mark.parametrize(
     ("attrs", "reason"),
     [
-        ({"pads": [1, 1]}, "pads 1 frames after the input: it reads future frames"),
-        ({"pads": [1, 0]}, "reads 1 future frames"),
+        ({"pads": [1, 1]}, "pads 1 frame after the input: it reads future frames"),
+        ({"pads": [1, 0]}, "reads 1 frame ahead"),
         ({"auto_pad": "SAME_UPPER"}, "pads both sides"),
         ({"pads": [3, 0]}, "pads 3 frames before a reach of 2"),
     ],
