@@ -24,6 +24,7 @@ Kernel = Callable[
 ]
 
 CHUNK_ELEMENTS = 1 << 18  # values quantized at a time: small enough to stay in cache
+THREADS = min(2, os.cpu_count() or 1)
 
 
 @dataclasses.dataclass
@@ -142,11 +143,12 @@ def quantize_rows(
     importance: Callable[[np.ndarray], np.ndarray] | None = None,
     threads: int | None = None,
 ) -> Blockwise:
-    """Quantize ``rows [N, K]`` block by block, in cache-sized chunks of rows on ``threads``.
+    """Quantize ``rows [N, K]`` block by block, in cache-sized pieces, on ``threads``.
 
-    ``rows`` may be a strided view (``W.T`` of a memory-mapped weight): each chunk is copied
-    to float32 on its own, so no full-size float copy is made. ``importance`` maps blocks
-    ``[B, n]`` to per-value weights; padding always gets weight 0.
+    ``rows`` may be ``W.T`` of a (memory-mapped) ``[K, N]`` weight: then each piece is a
+    contiguous slab of whole blocks along K (all N columns), otherwise a slab of whole rows.
+    Each piece is copied to float32 on its own, so no full-size float copy is made.
+    ``importance`` maps blocks ``[B, n]`` to per-value weights; padding gets weight 0.
     """
     if bits not in (2, 4, 8):
         raise ValueError(f"bits must be 2, 4 or 8, not {bits}")
@@ -158,31 +160,43 @@ def quantize_rows(
     scales = np.empty((n, kb), dtype=np.float32)
     zero_points = None if symmetric else np.empty((n, kb), dtype=np.uint8)
     mask = pad_mask(k, block)
-    step = max(1, CHUNK_ELEMENTS // (kb * block))
 
-    def work(start: int) -> None:
-        stop = min(start + step, n)
-        x = padded_blocks(rows[start:stop], block).reshape(-1, block)
+    def work(piece: tuple[slice, slice]) -> None:
+        rs, bs = piece
+        part = rows[rs, bs.start * block : bs.stop * block]
+        x = padded_blocks(part, block)
+        count, piece_kb = x.shape[:2]
+        x = x.reshape(-1, block)
         weights = importance(x) if importance is not None else np.ones_like(x)
-        weights *= np.tile(mask, (stop - start, 1))
+        weights *= np.tile(mask[bs], (count, 1))
         q, s, z = kernel(x, weights, bits, symmetric)
-        codes[start:stop] = q.reshape(stop - start, kb, block)
-        scales[start:stop] = s.reshape(stop - start, kb)
+        codes[rs, bs] = q.reshape(count, piece_kb, block)
+        scales[rs, bs] = s.reshape(count, piece_kb)
         if zero_points is not None:
-            zero_points[start:stop] = z.reshape(stop - start, kb)
+            zero_points[rs, bs] = z.reshape(count, piece_kb)
 
-    starts = range(0, n, step)
-    workers = threads if threads is not None else min(2, os.cpu_count() or 1)
-    if workers > 1 and len(starts) > 1:
+    pieces = _pieces(rows, block, kb)
+    workers = threads if threads is not None else THREADS
+    if workers > 1 and len(pieces) > 1:
         with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(work, starts))
+            list(pool.map(work, pieces))
     else:
-        for start in starts:
-            work(start)
+        for piece in pieces:
+            work(piece)
     if k % block:
         pad_code = zero_points[:, -1:] if zero_points is not None else 1 << (bits - 1)
         codes[:, -1, k % block :] = pad_code
     return Blockwise(codes, scales, zero_points, bits, k)
+
+
+def _pieces(rows: np.ndarray, block: int, kb: int) -> list[tuple[slice, slice]]:
+    """``(rows, k-blocks)`` slices of about CHUNK_ELEMENTS values, contiguous in memory."""
+    n = rows.shape[0]
+    if rows.T.flags.c_contiguous and not rows.flags.c_contiguous:  # W.T: slabs along K
+        step = max(1, CHUNK_ELEMENTS // (n * block))
+        return [(slice(0, n), slice(b, min(b + step, kb))) for b in range(0, kb, step)]
+    step = max(1, CHUNK_ELEMENTS // (kb * block))
+    return [(slice(r, min(r + step, n)), slice(0, kb)) for r in range(0, n, step)]
 
 
 def rtn(rows: np.ndarray, *, bits: int, block: int, symmetric: bool, **kw) -> Blockwise:

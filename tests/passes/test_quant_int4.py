@@ -233,3 +233,29 @@ def test_whisper_encoder_verified_in_the_pipeline():
     assert entry.status == "ok" and entry.counts == {"matmul": 12}
     assert entry.metrics["cosine"] > 0.995
     assert entry.bytes_after < 0.4 * entry.bytes_before
+
+
+@pytest.mark.parametrize("fmt", ["matmulnbits", "qdq"])
+def test_matmul_inside_an_if_branch(rng, fmt):
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    branch = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["t"], name="inner")],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", FLOAT, [2, N])],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["zeros"], ["e"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", FLOAT, [2, N])],
+    )
+    node = helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=other)
+    inits = {"w": w, "zeros": np.zeros((2, N), np.float32)}
+    inputs = {"x": (FLOAT, [2, K]), "cond": (helper.np_dtype_to_tensor_dtype(np.dtype(bool)), [])}
+    model = make_model([node], inputs, {"y": (FLOAT, [2, N])}, inits)
+    x = rng.standard_normal((2, K)).astype(np.float32)
+    result = QuantInt4Pass(format=fmt, accuracy_level=0)(model)
+    assert result.counts.get("matmul") == 1 and "w" not in model.graph.initializers
+    y = run(model, {"x": x, "cond": np.array(True)})["y"]
+    np.testing.assert_allclose(y, x @ _reference(w), rtol=1e-4, atol=1e-4)

@@ -53,17 +53,22 @@ def test_all_zero_block_dequantizes_to_zero():
     assert np.all(quant.dequantize() == 0)
 
 
-def test_strided_input_and_threads_give_the_same_result(rng):
-    weight = rng.standard_normal((128, 64)).astype(np.float32)  # [K, N]: rows are its columns
-    whole = blocks.rtn(np.ascontiguousarray(weight.T), bits=4, block=32, symmetric=True, threads=1)
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("k", [128, 100])
+def test_slabs_along_k_and_threads_give_the_same_result(rng, k, symmetric):
+    weight = rng.standard_normal((k, 64)).astype(np.float32)  # [K, N]: rows are its columns
+    options = {"bits": 4, "block": 32, "symmetric": symmetric}
+    whole = blocks.rtn(np.ascontiguousarray(weight.T), threads=1, **options)
     old = blocks.CHUNK_ELEMENTS
-    blocks.CHUNK_ELEMENTS = 512  # many chunks
+    blocks.CHUNK_ELEMENTS = 2048  # one k-block of all 64 columns per piece: 4 pieces
     try:
-        chunked = blocks.rtn(weight.T, bits=4, block=32, symmetric=True, threads=2)
+        assert len(blocks._pieces(weight.T, 32, 4)) == 4
+        sliced = blocks.rtn(weight.T, threads=2, **options)
     finally:
         blocks.CHUNK_ELEMENTS = old
-    np.testing.assert_array_equal(whole.codes, chunked.codes)
-    np.testing.assert_array_equal(whole.scales, chunked.scales)
+    np.testing.assert_array_equal(whole.codes, sliced.codes)
+    np.testing.assert_array_equal(whole.scales, sliced.scales)
+    np.testing.assert_array_equal(whole.zero_point_values(), sliced.zero_point_values())
 
 
 @pytest.mark.parametrize("bad", [{"bits": 3}, {"block": 24}, {"block": 1}])
