@@ -17,9 +17,14 @@ What a runtime needs to drive it is stored as JSON in ``metadata_props["onnxopt.
       "passes": ["stream-rnn"]
     }
 
-In a state's ``shape``, ``"batch"`` is the batch size and ``"past"`` is 0: a state with a
-``grow_axis`` starts empty and grows along that axis by the chunk's frames each step. A state's
-``initial`` is a number or a nested list, broadcast to its shape.
+In a state's ``shape``, ``"batch"`` is the batch size, ``"k*batch"`` k times it, and ``"past"``
+is 0: a state with a ``grow_axis`` starts empty and grows along that axis by the chunk's frames
+each step. A state's ``initial`` is a number or a nested list, broadcast to its shape.
+
+The stream passes (``stream``, ``stream-rnn``, ``stream-conv``, ``stream-attention``) share one
+analysis here: it follows the time axis of every value through the graph, refuses by name any
+node that reads future frames, and collects the nodes that keep past frames (sites); each
+family's module (``onnxopt.passes.stream_*``) rewrites its sites.
 """
 
 from __future__ import annotations

@@ -200,6 +200,17 @@ def test_time_axis_is_guessed_or_must_be_given() -> None:
         StreamConvPass(time_axis=0)(model.clone())
 
 
+def test_stream_passes_parse_from_a_spec() -> None:
+    from onnxopt import spec
+
+    built = spec.build("stream(chunk=8,left_context=4),stream-conv(time_axis=2)")
+    assert [p.name for p in built] == ["stream", "stream-conv"]
+    assert built[0].kind == "interface" and (built[0].chunk, built[0].left_context) == (8, 4)
+    assert spec.to_spec(built) == "stream(chunk=8,left_context=4),stream-conv(time_axis=2)"
+    with pytest.raises(UsageError, match="no option 'left_context'"):
+        spec.build("stream-conv(left_context=4)")
+
+
 def test_streaming_model_runs_offline_length_inputs_through_the_pipeline() -> None:
     """Exact passes after a stream pass are verified chunk by chunk too."""
     from onnxopt.passes.cleanup import CleanupPass
