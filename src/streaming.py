@@ -351,6 +351,7 @@ class Timed:
 
     Attention scores and probabilities also have a ``key_axis`` over the frames attended to;
     ``scores`` is the MatMul that made them and ``masked`` says a causal mask was applied.
+    ``absolute`` values are computed from frame positions alone (``Range(0, T)``, ``pe[:T]``).
     """
 
     axis: int
@@ -359,6 +360,7 @@ class Timed:
     key_axis: int | None = None
     scores: ir.Node | None = None
     masked: bool = False
+    absolute: bool = False
 
     def moved(self, axis: int, rank: int, key_axis: int | None = None) -> Timed:
         return dataclasses.replace(self, axis=axis, rank=rank, key_axis=key_axis)
@@ -441,7 +443,25 @@ class Analysis:
             self._visit(node)
         for value in self.model.graph.outputs:
             self._check_output(value)
+        self.sites = [s for s in self.sites if s.family != "positions" or self._feeds_data(s)]
         return self
+
+    def _feeds_data(self, site: Site) -> bool:
+        """Whether positions reach frames of data (else they only build masks, rebuilt anyway)."""
+        stack, seen = list(site.node.outputs), set()
+        while stack:
+            value = stack.pop()
+            if value in seen:
+                continue
+            seen.add(value)
+            info = self.of(value)
+            if value.is_graph_output() or isinstance(info, Final):
+                return True
+            if isinstance(info, Timed):
+                if not info.absolute:
+                    return True
+                stack.extend(out for node in value.consumers() for out in node.outputs)
+        return False
 
     def of(self, value: ir.Value | None) -> Info | None:
         return None if value is None else self.info.get(value)
@@ -647,8 +667,11 @@ def _elementwise(node: ir.Node, an: Analysis) -> list[Info | None]:
     return [info] * len(node.outputs)
 
 
-def _timed_elementwise(node: ir.Node, an: Analysis) -> Timed:
-    """Broadcast frames with other operands; a causal mask added to attention scores is noted."""
+def _timed_elementwise(node: ir.Node, an: Analysis) -> Info:
+    """Broadcast frames with other operands; a causal mask added to attention scores is noted.
+
+    Positions along two axes (``pos[:, None] - pos[None, :]``) make a position grid (a mask).
+    """
     ranks = [r for r in (an.rank(v) for v in node.inputs if v is not None) if r is not None]
     out_rank = max(ranks)
     aligned: Timed | None = None
@@ -666,6 +689,8 @@ def _timed_elementwise(node: ir.Node, an: Analysis) -> Timed:
                 aligned.key_axis,
                 aligned.rate,
             ):
+                if aligned.absolute and moved.absolute:
+                    return Positions()
                 raise NotStreamable(node, "combines frames along different axes or strides")
             aligned = moved if aligned is None else _merge_timed(aligned, moved)
         elif isinstance(info, Final):
@@ -682,7 +707,12 @@ def _timed_elementwise(node: ir.Node, an: Analysis) -> Timed:
 
 
 def _merge_timed(a: Timed, b: Timed) -> Timed:
-    return dataclasses.replace(a, masked=a.masked or b.masked, scores=a.scores or b.scores)
+    return dataclasses.replace(
+        a,
+        masked=a.masked or b.masked,
+        scores=a.scores or b.scores,
+        absolute=a.absolute and b.absolute,
+    )
 
 
 def _per_frame(value: ir.Value, an: Analysis, timed: Timed) -> bool:
@@ -796,7 +826,24 @@ def _size_rule(node: ir.Node, an: Analysis) -> list[Info | None]:
 def _positions(node: ir.Node, an: Analysis) -> list[Info | None]:
     if any(isinstance(an.of(v), (Timed, Final)) for v in node.inputs):
         raise NotStreamable(node, "takes a range or triangle over frames")
+    if node.op_type == "Range":
+        start, delta = static_array(node.inputs[0]), static_array(node.inputs[2])
+        rate = _frame_count(an.of(node.inputs[1]))
+        if rate and _is_scalar(start, 0) and _is_scalar(delta, 1):
+            an.sites.append(Site("positions", node))
+            return [Timed(0, 1, rate, absolute=True)]  # frame positions 0..T-1
     return [Positions()]
+
+
+def _is_scalar(array: np.ndarray | None, number: float) -> bool:
+    return array is not None and array.size == 1 and float(array.item()) == number
+
+
+def _frame_count(info: Info | None) -> int | None:
+    """The rate r when ``info`` is exactly the frame count of values at rate r."""
+    if isinstance(info, Length) and info.flags is not None and len(info.flags) == 1:
+        return info.flags[0] if info.flags[0] > 0 else None
+    return None
 
 
 @rule("ConstantOfShape")
@@ -1025,7 +1072,12 @@ def _pick(info: Length, picked: np.ndarray) -> Length | None:
 def _slice(node: ir.Node, an: Analysis) -> list[Info | None]:
     info = an.of(node.inputs[0])
     if any(an.of(v) is not None for v in node.inputs[1:]):
-        if info is None or isinstance(info, Positions):
+        if info is None and _is_table_cut(node, an):
+            rank = an.rank(node.inputs[0]) or 1
+            axis = _norm(static_ints(node.inputs[3])[0], rank) if len(node.inputs) > 3 else 0
+            an.sites.append(Site("positions", node))
+            return [Timed(axis, rank, _frame_count(an.of(node.inputs[2])) or 1, absolute=True)]
+        if info is None or isinstance(info, Positions) or getattr(info, "absolute", False):
             return [Positions()]  # a fixed table cut to the length: absolute positions
         raise NotStreamable(node, "slices by the input length")
     starts, ends, axes, steps = _slice_params(node)
@@ -1043,6 +1095,18 @@ def _slice(node: ir.Node, an: Analysis) -> list[Info | None]:
         if axis in (info.axis, info.key_axis):
             raise NotStreamable(node, f"selects frames {start}:{end} along time")
     return [info]
+
+
+def _is_table_cut(node: ir.Node, an: Analysis) -> bool:
+    """``table[0:T]`` along one axis (a position table cut to the frame count)."""
+    inputs = list(node.inputs) + [None] * 3
+    starts, axes, steps = static_ints(inputs[1]), static_ints(inputs[3]), static_ints(inputs[4])
+    return (
+        starts == [0]
+        and _frame_count(an.of(inputs[2])) is not None
+        and (inputs[3] is None or (axes is not None and len(axes) == 1))
+        and (inputs[4] is None or steps == [1])
+    )
 
 
 def _slice_params(node: ir.Node) -> tuple[list[int], list[int], list[int], list[int]]:

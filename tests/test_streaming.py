@@ -18,6 +18,7 @@ from onnxopt.streaming import (
     StreamingSession,
     StreamSpec,
     describe,
+    offline_difference,
     run_chunked,
     verification_chunks,
 )
@@ -158,18 +159,44 @@ def test_nodes_reading_all_frames_are_refused_by_name(node, extra, reason) -> No
         StreamConvPass()(model)
 
 
-def test_positions_from_the_length_are_refused() -> None:
+def _positions(g_nodes: list, start: int = 0) -> tuple[list, dict]:
+    """Nodes computing float positions ``start..start+T-1`` of 'c' along time -> 'posf'."""
     nodes = [
         helper.make_node("Shape", ["c"], ["shape"]),
         helper.make_node("Gather", ["shape", "two"], ["t"]),
-        helper.make_node("Range", ["zero", "t", "one"], ["pos"], name="positions"),
+        helper.make_node("Range", ["start", "t", "one"], ["pos"], name="positions"),
         helper.make_node("Cast", ["pos"], ["posf"], to=FLOAT),
-        helper.make_node("Add", ["c", "posf"], ["y"], name="add_positions"),
+        *g_nodes,
     ]
-    extra = {"two": np.array(2), "zero": np.array(0), "one": np.array(1)}
+    extra = {"two": np.array(2), "start": np.array(start), "one": np.array(1)}
+    return nodes, extra
+
+
+def test_absolute_positions_count_from_the_stream_position() -> None:
+    nodes, extra = _positions([helper.make_node("Add", ["c", "posf"], ["y"], name="add_pos")])
+    model = _conv_then(nodes, {"y": (FLOAT, ["batch", 2, "time"])}, extra)
+    result, report = Pipeline([StreamConvPass(chunk=4)]).run(model.clone())
+    entry = report.passes[0]
+    assert entry.status == "ok", entry.reason
+    assert entry.counts == {"conv-cache": 1, "position-offset": 1}
+    assert "stream.position_in" in {s.input for s in StreamSpec.read(result).states}
+    x = {"x": np.random.default_rng(7).standard_normal((1, 2, 19)).astype(np.float32)}
+    assert offline_difference(model, result, x, chunks=[1, 4, 5]) < 1e-5
+
+
+def test_positions_counted_another_way_are_refused() -> None:
+    nodes, extra = _positions([helper.make_node("Add", ["c", "posf"], ["y"], name="add_pos")], 1)
     model = _conv_then(nodes, {"y": (FLOAT, None)}, extra)
-    with pytest.raises(UnsupportedModelError, match=r"'add_positions'.*absolute position"):
+    with pytest.raises(UnsupportedModelError, match=r"'add_pos'.*absolute position"):
         StreamConvPass()(model)
+    reverse = [
+        helper.make_node("Sub", ["t", "pos"], ["left"], name="frames_left"),
+        helper.make_node("Cast", ["left"], ["leftf"], to=FLOAT),
+        helper.make_node("Add", ["c", "leftf"], ["y"]),
+    ]
+    nodes, extra = _positions(reverse)
+    with pytest.raises(UnsupportedModelError, match=r"'frames_left'.*input length"):
+        StreamConvPass()(_conv_then(nodes, {"y": (FLOAT, None)}, extra))
 
 
 def test_shape_arithmetic_on_the_batch_and_time_is_followed() -> None:

@@ -201,6 +201,30 @@ def _in_kind(rw: Rewrite, op, allowed: ir.Value, kind: MaskKind) -> ir.Value:
     return op("Where", [allowed, zero, fill], tag="additive")
 
 
+@family("positions")
+def _rewrite_positions(site: Site, rw: Rewrite) -> None:
+    """``Range(0, T)`` and ``table[0:T]`` start at the stream position instead of 0."""
+    node = site.node
+    rate = rw.an.info[node.outputs[0]].rate
+    length = node.inputs[1] if node.op_type == "Range" else node.inputs[2]
+    shape = rw.const(np.array([], np.int64), "stream.scalar_shape")
+    chunk = rw.op("Reshape", [length, shape], before=node, name=f"{node.name}/frames")
+    if length.dtype not in (None, ir.DataType.INT64):
+        chunk = rw.op("Cast", [chunk], {"to": ir.DataType.INT64}, before=node, name="frames64")
+    position = _position(rw, node, chunk, rate)
+    if node.op_type == "Range":
+        dtype = node.inputs[0].dtype or ir.DataType.INT64
+        start = rw.op("Cast", [position], {"to": dtype}, before=node, name=f"{node.name}/start")
+        node.replace_input_with(0, start)
+        node.replace_input_with(1, rw.op("Add", [start, length], before=node, name="end"))
+    else:
+        one = rw.const(np.array([1], np.int64), "stream.vector_shape")
+        start = rw.op("Reshape", [position, one], before=node, name=f"{node.name}/start")
+        node.replace_input_with(1, start)
+        node.replace_input_with(2, rw.op("Add", [start, length], before=node, name="end"))
+    rw.count("position-offset", f"{node.name}: positions count from stream.position")
+
+
 @register_pass
 class StreamAttentionPass(StreamPassBase):
     """Make causal self-attention streaming: past keys and values come from caches.
@@ -213,8 +237,11 @@ class StreamAttentionPass(StreamPassBase):
          ``stream.position`` state so that empty cache slots stay masked.
       2. A fully causal mask (no band): the caches grow by each chunk (``grow_axis`` in the
          metadata), unless ``left_context`` caps them, and the attention, to that many frames.
-      3. Attention with no mask, or a mask letting a frame see later frames, reads the future
-         and is refused by name; so are absolute position tables and ranges over the length.
+      3. ``position-offset``: absolute positions made explicit, ``Range(0, T)`` (then, say, an
+         embedding Gather) or a table cut to ``table[0:T]``, count from the stream position.
+         (Every stream pass applies this rule.)
+      4. Attention with no mask, or a mask letting a frame see later frames, reads the future
+         and is refused by name; so are other uses of positions (relative biases).
 
     Options:
         left_context: Past frames kept in the caches (and attended to); by default the

@@ -203,19 +203,28 @@ def test_masks_that_see_the_future_are_refused(rng) -> None:
         StreamAttentionPass()(model)
 
 
-def test_position_dependent_biases_and_tables_are_refused(rng) -> None:
+def test_position_embeddings_count_from_the_stream_position(rng) -> None:
+    """A GPT-like block: learned embeddings of Range(0, T), plus a sinusoid table cut to T."""
+    g = Graph(rng)
+    t = g.op("Squeeze", _length(g, "x"), g.const([0]))
+    positions = g.op("Range", g.const(np.array(0)), t, g.const(np.array(1)), name="arange")
+    learned = g.op("Gather", g.weight(TMAX, D), positions)
+    table = g.const(rng.standard_normal((1, TMAX, D)).astype(np.float32))
+    sinusoid = g.op("Slice", table, g.const([0]), _length(g, "x"), g.const([1]), name="pe")
+    x = g.op("Add", g.op("Add", "x", learned), sinusoid)
+    model = g.model(_block(g, x, _additive_tril(g, "x")))
+    result, entry = _streamed(model, StreamAttentionPass(chunk=4))
+    assert entry.counts == {"attention-cache": 1, "position-offset": 2}
+    positions_state = [s for s in StreamSpec.read(result).states if "position" in s.input]
+    assert len(positions_state) == 1  # embeddings and the mask share one stream position
+    assert offline_difference(model, result, _x(rng, 37), chunks=[1, 4, 7]) < 1e-5
+
+
+def test_position_dependent_biases_are_refused(rng) -> None:
     g = Graph(rng)
     bias = g.op("Add", _additive_tril(g, "x"), g.const(np.float32(0.5)))  # not just 0 / -inf
     model = g.model(_attention(g, "x", bias))
     with pytest.raises(UnsupportedModelError, match="position-dependent bias"):
-        StreamAttentionPass()(model)
-    g = Graph(rng)
-    table = g.const(rng.standard_normal((TMAX, D)).astype(np.float32))
-    t = _length(g, "x")
-    positions = g.op("Slice", table, g.const([0]), t, g.const([0]))  # pe[:T]
-    x = g.op("Add", "x", positions, name="add_positions")
-    model = g.model(_attention(g, x, _additive_tril(g, "x")))
-    with pytest.raises(UnsupportedModelError, match=r"'add_positions'.*absolute position"):
         StreamAttentionPass()(model)
 
 
