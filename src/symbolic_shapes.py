@@ -235,11 +235,12 @@ def _gather(node: ir.Node, vectors: dict[ir.Value, _Vec]) -> _Vec | None:
 
 
 def _slice(node: ir.Node, vectors: dict[ir.Value, _Vec]) -> _Vec | None:
+    if len(node.inputs) < 3:
+        return None  # Slice-1 keeps starts and ends in attributes
     vec = _vector(node.inputs[0], vectors)
     args = [_ints(v, vectors) if v is not None else None for v in node.inputs[1:5]]
-    starts, ends = args[0], args[1] if len(args) > 1 else None
-    axes = args[2] if len(args) > 2 else None
-    steps = args[3] if len(args) > 3 else None
+    args += [None] * (4 - len(args))
+    starts, ends, axes, steps = args
     if vec is None or vec.scalar or starts is None or ends is None or len(starts) != 1:
         return None
     if (axes not in (None, [0], [-1])) or (steps not in (None, [1])):
@@ -299,7 +300,7 @@ def _matmul_dims(node: ir.Node) -> list[Elem] | None:
 def _slice_dims(node: ir.Node, vectors: dict[ir.Value, _Vec]) -> list[Elem] | None:
     """Slice keeps the dims of the axes it does not slice (constant ``axes`` needed)."""
     data = node.inputs[0]
-    if data is None or data.shape is None:
+    if data is None or data.shape is None or len(node.inputs) < 3:
         return None
     rank = len(data.shape)
     axes = _ints(node.inputs[3], vectors) if len(node.inputs) > 3 and node.inputs[3] else None
