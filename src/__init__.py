@@ -17,6 +17,7 @@ from onnxopt.pass_api import Pass, PassResult
 from onnxopt.pipeline import Pipeline
 from onnxopt.registry import register_alias, register_pass
 from onnxopt.report import PassReport, Report
+from onnxopt.streaming import StreamingSession
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,7 @@ __all__ = [
     "PassResult",
     "Pipeline",
     "Report",
+    "StreamingSession",
     "Tolerance",
     "UnsupportedModelError",
     "UsageError",

@@ -14,7 +14,7 @@ import onnx_ir as ir
 
 from onnxopt import golden as golden_mod
 from onnxopt import model_io, spec
-from onnxopt.errors import VerificationError
+from onnxopt.errors import OnnxoptError, VerificationError
 from onnxopt.golden import GoldenSet
 from onnxopt.metrics import Metrics, compare_all
 from onnxopt.pass_api import Pass, PassResult
@@ -94,9 +94,7 @@ class Pipeline:
         for index, pass_ in enumerate(self.passes):
             if self.progress:
                 self.progress(f"[{index + 1}/{len(self.passes)}] {pass_.to_spec()}")
-            entry, model, new_reference = self._run_one(
-                pass_, model, golden, reference, interface
-            )
+            entry, model, new_reference = self._run_one(pass_, model, golden, reference, interface)
             report.passes.append(entry)
             if entry.status in ("failed", "error"):
                 if not self.keep_going:
@@ -130,6 +128,7 @@ class Pipeline:
         except Exception as err:
             logger.debug("pass %s raised", pass_.name, exc_info=True)
             entry.status, entry.reason = "error", f"{type(err).__name__}: {err}"
+            entry.error_code = err.exit_code if isinstance(err, OnnxoptError) else 0
             entry.seconds = time.perf_counter() - start
             return self._rolled_back(entry, pass_, before, golden), before, None
         entry.seconds = time.perf_counter() - start
@@ -170,7 +169,9 @@ class Pipeline:
             entry.status = "ok"
             return entry, model, outputs
         entry.status, entry.reason = "failed", metrics.reason
-        diverging = first_diverging(before, model, golden.inputs[0], tol)
+        # An interface pass changed the inputs: the old and new models cannot share feeds.
+        streaming = pass_.kind == "interface" or interface is not None
+        diverging = None if streaming else first_diverging(before, model, golden.inputs[0], tol)
         if diverging:
             name, worst = diverging
             entry.first_diverging = {"name": name, **worst.as_dict()}

@@ -19,6 +19,10 @@ _BUILTIN: dict[str, str] = {
     "fuse-attention": "onnxopt.passes.fuse_attention",
     "fuse-skip-layer-norm": "onnxopt.passes.fuse_skip_layer_norm",
     "fuse-bias": "onnxopt.passes.fuse_bias",
+    "stream": "onnxopt.streaming",
+    "stream-rnn": "onnxopt.passes.stream_rnn",
+    "stream-conv": "onnxopt.passes.stream_conv",
+    "stream-attention": "onnxopt.passes.stream_attention",
 }
 # alias -> the pipeline spec it expands to.
 _ALIASES: dict[str, str] = {

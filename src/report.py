@@ -30,6 +30,8 @@ class PassReport:
     tolerance: str = ""
     metrics: dict[str, Any] | None = None
     reason: str = ""
+    error_code: int = 0
+    """The exit code of the user-facing error a pass raised (2 usage, 4 unsupported model)."""
     first_diverging: dict[str, Any] | None = None
     reproducer: dict[str, str] | None = None
 
@@ -55,10 +57,13 @@ class Report:
 
     @property
     def exit_code(self) -> int:
-        """0 if every pass held (or ``keep_going``), 3 if one failed verification, 1 on a crash."""
+        """0 if every pass held (or ``keep_going``), 3 if one failed verification, the error's own
+        code when a pass refused the model (2 bad option, 4 unsupported model), 1 on a crash."""
         if self.ok or self.keep_going:
             return 0
-        return 3 if any(p.status == "failed" for p in self.failed) else 1
+        if any(p.status == "failed" for p in self.failed):
+            return 3
+        return next((p.error_code for p in self.failed if p.error_code), 1)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

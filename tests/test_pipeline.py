@@ -208,3 +208,22 @@ def test_reproducer_after_an_approximate_pass_expects_its_outputs(tmp_path) -> N
         np.testing.assert_array_equal(run(repro, feeds)["y"], expected["y"])
     _, again = Pipeline([CleanupPass()], golden=golden).run(repro)
     assert again.ok
+
+
+class Refuses(Pass):
+    name = "test-refuses"
+    code: int = 4
+
+    def call(self, model):
+        from onnxopt import UnsupportedModelError, UsageError
+
+        raise (UnsupportedModelError if self.code == 4 else UsageError)("no")
+
+
+@pytest.mark.parametrize("code", [2, 4])
+def test_a_pass_that_refuses_the_model_exits_with_the_errors_code(code) -> None:
+    _, report = Pipeline([Refuses(code=code)]).run(_matmul_model())
+    assert report.passes[0].status == "error" and report.passes[0].error_code == code
+    assert report.exit_code == code
+    _, report = Pipeline([Crash()]).run(_matmul_model())
+    assert report.exit_code == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import typing
 from collections.abc import Callable
@@ -132,6 +133,9 @@ def model_summary(model: ir.Model, path: Path) -> dict[str, Any]:
         entry["parameters"] += tensor.size
         entry["bytes"] += tensor.nbytes
     ops = op_histogram(model)
+    from onnxopt.streaming import StreamSpec
+
+    stream = StreamSpec.read(model)
     return {
         "path": str(path),
         "file_bytes": path.stat().st_size,
@@ -146,6 +150,7 @@ def model_summary(model: ir.Model, path: Path) -> dict[str, Any]:
         "parameters": sum(e["parameters"] for e in by_dtype.values()),
         "weight_bytes": sum(e["bytes"] for e in by_dtype.values()),
         "by_dtype": by_dtype,
+        "streaming": json.loads(stream.to_json()) if stream is not None else None,
     }
 
 
@@ -174,6 +179,10 @@ def model_summary_text(s: dict[str, Any]) -> str:
         f"  {dtype:<10} {e['tensors']} tensors, {e['parameters']:,} ({human_bytes(e['bytes'])})"
         for dtype, e in s["by_dtype"].items()
     ]
+    if s["streaming"] is not None:
+        from onnxopt.streaming import StreamSpec, describe
+
+        lines += describe(StreamSpec.from_json(json.dumps(s["streaming"])))
     return "\n".join(lines)
 
 

@@ -89,7 +89,7 @@ def _rewrite(site: Site, rw: Rewrite) -> None:
         out.dtype, out.shape = dtype, state_in.shape
         rw.finish_state(state_in, out, f"{name}.{state}_out")
     states = ", ".join(f"{name}.{s}_in" for s in _STATES[node.op_type])
-    rw.count(f"{node.op_type.lower()}-state", f"{node.name}: state inputs {states}")
+    rw.count(f"{node.op_type.lower()}-state", f"{node.name or node.op_type}: state inputs {states}")
 
 
 def _initial(rw: Rewrite, value: ir.Value | None, layout: int) -> float | np.ndarray:
