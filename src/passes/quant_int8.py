@@ -35,12 +35,21 @@ class QuantInt8Pass(QuantInt4Pass):
          original MatMul/Gemm (opset 13 or later; a lower opset is converted).
       3. ``dynamic``: int8 per output channel in ``com.microsoft::DynamicQuantizeMatMul``; ORT
          quantizes the activations to uint8 at run time and multiplies in integers.
+    ``qdq`` and ``dynamic`` take float32 weights only (``skipped-dtype`` otherwise).
     """
 
     name = "quant-int8"
     bits: ClassVar[int] = 8
     algo: Literal["rtn", "kquant"] = "rtn"
     format: Literal["matmulnbits", "qdq", "dynamic"] = "matmulnbits"
+
+    def skip_reason(self, node: ir.Node, weight: ir.Value) -> tuple[str, str]:
+        reason = super().skip_reason(node, weight)
+        if reason[0] or self.format == "matmulnbits":
+            return reason
+        if weight.const_value.dtype != ir.DataType.FLOAT:
+            return f"format={self.format} takes float32 weights only", "skipped-dtype"
+        return "", ""
 
     def prepare(self, model: ir.Model, result: PassResult) -> bool:
         if self.format == "qdq":

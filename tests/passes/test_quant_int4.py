@@ -259,3 +259,18 @@ def test_matmul_inside_an_if_branch(rng, fmt):
     assert result.counts.get("matmul") == 1 and "w" not in model.graph.initializers
     y = run(model, {"x": x, "cond": np.array(True)})["y"]
     np.testing.assert_allclose(y, x @ _reference(w), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["matmulnbits", "qdq"])
+def test_float16_weights_keep_float16_scales(rng, fmt):
+    w = rng.standard_normal((K, N)).astype(np.float16)
+    half = helper.np_dtype_to_tensor_dtype(np.dtype(np.float16))
+    node = helper.make_node("MatMul", ["x", "w"], ["y"])
+    model = make_model([node], {"x": (half, [4, K])}, {"y": (half, [4, N])}, {"w": w})
+    assert QuantInt4Pass(format=fmt)(model).counts.get("matmul") == 1
+    scales = next(v for n, v in model.graph.initializers.items() if n.endswith("_scales"))
+    assert scales.const_value.dtype == ir.DataType.FLOAT16
+    x = rng.standard_normal((4, K)).astype(np.float16)
+    y = run(model, {"x": x})["y"].astype(np.float32)
+    expected = x.astype(np.float32) @ w.astype(np.float32)
+    assert np.linalg.norm(y - expected) / np.linalg.norm(expected) < 0.1

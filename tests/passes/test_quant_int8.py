@@ -78,3 +78,22 @@ def test_whisper_encoder_dynamic_verified():
     entry = report.passes[0]
     assert entry.status == "ok" and entry.counts == {"matmul": 12}
     assert entry.metrics["cosine"] > 0.999
+
+
+@pytest.mark.parametrize(
+    ("fmt", "counts"),
+    [
+        ("matmulnbits", {"matmul": 1}),
+        ("dynamic", {"skipped-dtype": 1}),
+        ("qdq", {"skipped-dtype": 1}),
+    ],
+)
+def test_float16_weights(rng, fmt, counts):
+    w = rng.standard_normal((K, N)).astype(np.float16)
+    half = helper.np_dtype_to_tensor_dtype(np.dtype(np.float16))
+    node = helper.make_node("MatMul", ["x", "w"], ["y"])
+    model = make_model([node], {"x": (half, [4, K])}, {"y": (half, [4, N])}, {"w": w})
+    assert QuantInt8Pass(format=fmt)(model).counts == counts
+    x = rng.standard_normal((4, K)).astype(np.float16)
+    y = run(model, {"x": x})["y"].astype(np.float32)
+    assert _rel(y, x.astype(np.float32) @ w.astype(np.float32)) < 0.01
