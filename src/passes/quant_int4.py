@@ -15,7 +15,6 @@ from onnxopt.pass_api import Pass, PassResult
 from onnxopt.quant import blocks, kquant, packing
 from onnxopt.registry import register_pass
 from onnxopt.stats import add_count
-from onnxopt.targets.opset import convert_opset
 
 logger = logging.getLogger(__name__)
 
@@ -25,12 +24,11 @@ MS_DOMAIN = "com.microsoft"
 
 @dataclasses.dataclass
 class Use:
-    """One node reading a weight; ``index`` is the node input that gets the quantized weight."""
+    """One node reading a weight (as its input 1, directly or through ``via``)."""
 
     node: ir.Node
     rule: str  # "matmul", "matmul-transposed" or "gemm"
     via: ir.Node | None = None  # the Transpose bypassed by "matmul-transposed"
-    index: int = 1
 
 
 @dataclasses.dataclass
@@ -40,10 +38,6 @@ class Target:
     weight: ir.Value
     rows: bool
     uses: list[Use] = dataclasses.field(default_factory=list)
-
-    def shape_kn(self) -> tuple[int, int]:
-        a, b = self.weight.const_value.shape.numpy()
-        return (b, a) if self.rows else (a, b)
 
 
 class WeightQuantPass(Pass):
@@ -81,6 +75,9 @@ class WeightQuantPass(Pass):
         for target in targets:
             before += target.weight.const_value.nbytes
             after += self.rewrite(model, target, result.counts)
+            logger.debug(
+                "%s: %s quantized for %d node(s)", self.name, target.weight.name, len(target.uses)
+            )
             _drop_if_unused(target)
         if targets:
             result.modified = True
@@ -88,6 +85,7 @@ class WeightQuantPass(Pass):
                 f"{len(targets)} weights quantized to {self.bits} bits: "
                 f"{before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB"
             )
+            logger.info("%s: %s", self.name, result.notes[-1])
         return result
 
     def prepare(self, model: ir.Model, result: PassResult) -> bool:
@@ -282,6 +280,8 @@ class QuantInt4Pass(WeightQuantPass):
 def require_opset(model: ir.Model, opset: int, result: PassResult) -> bool:
     """Raise the standard opset to at least ``opset`` (and IR to 10); False if it cannot."""
     if model.opset_imports.get("", 1) < opset:
+        from onnxopt.targets.opset import convert_opset  # onnxscript: only when needed
+
         problem = convert_opset(model, opset)
         if problem:
             result.notes.append(f"nothing quantized: cannot convert to opset {opset}: {problem}")
@@ -400,7 +400,7 @@ def wire_dequantized(
             dq = ir.node("DequantizeLinear", inputs, attributes, name=f"{target.weight.name}_dq")
             graph.insert_before(next(iter(graph)), dq)
             outputs[id(graph)] = dq.outputs[0]
-        use.node.replace_input_with(use.index, outputs[id(graph)])
+        use.node.replace_input_with(1, outputs[id(graph)])
         if use.rule == "gemm" and use.node.attributes.get_int("transB", 0):
             use.node.attributes["transB"] = ir.AttrInt64("transB", 0)
         add_count(counts, use.rule, 1)
