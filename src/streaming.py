@@ -389,6 +389,15 @@ class Positions:
     """Values that depend on absolute frame positions (a Range over the length, a sliced mask)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Relative(Positions):
+    """Values computed elementwise from a grid of query and key positions alone (``i - j``).
+
+    A relative-position bias (``table[clip(i - j)]``) is one; the nodes forming the grid are in
+    ``Analysis.grids``, so that a rewrite can feed them the positions of a chunk and its cache.
+    """
+
+
 Info = Timed | Final | Length | Positions
 
 
@@ -434,6 +443,7 @@ class Analysis:
         self.sites: list[Site] = []
         self.absorbed: set[ir.Node] = set()  # nodes a site takes over (a chomping Slice)
         self.probes: set[ir.Value] = set()  # values whose shape or content a rewrite needs
+        self.grids: dict[ir.Node, tuple[int, int]] = {}  # pos grid node -> (query, key) slots
         for value in model.graph.inputs:
             if value.name in chunked:
                 self.info[value] = Timed(chunked[value.name], len(value.shape or ()))
@@ -660,7 +670,9 @@ def _elementwise(node: ir.Node, an: Analysis) -> list[Info | None]:
             raise NotStreamable(node, "combines a summary of all frames with the input length")
         ranks = [r for r in (an.rank(v) for v in values) if r is not None]
         info = Final(max(ranks) if ranks else None)
-    elif Positions in kinds:
+    elif kinds == {Relative}:
+        info = Relative()
+    elif kinds & {Positions, Relative}:
         info = Positions()
     else:
         info = _length_elementwise(node, an)
@@ -675,7 +687,7 @@ def _timed_elementwise(node: ir.Node, an: Analysis) -> Info:
     ranks = [r for r in (an.rank(v) for v in node.inputs if v is not None) if r is not None]
     out_rank = max(ranks)
     aligned: Timed | None = None
-    others = []
+    aligned_index, others = 0, []
     for index, value in enumerate(node.inputs):
         info = an.of(value)
         if value is None:
@@ -690,9 +702,12 @@ def _timed_elementwise(node: ir.Node, an: Analysis) -> Info:
                 aligned.rate,
             ):
                 if aligned.absolute and moved.absolute:
-                    return Positions()
+                    return _grid(node, an, (aligned_index, aligned), (index, moved))
                 raise NotStreamable(node, "combines frames along different axes or strides")
-            aligned = moved if aligned is None else _merge_timed(aligned, moved)
+            if aligned is None:
+                aligned, aligned_index = moved, index
+            else:
+                aligned = _merge_timed(aligned, moved)
         elif isinstance(info, Final):
             raise NotStreamable(node, "uses a summary of all frames at every frame (reads ahead)")
         elif isinstance(info, Length):
@@ -704,6 +719,16 @@ def _timed_elementwise(node: ir.Node, an: Analysis) -> Info:
         if _per_frame(node.inputs[index], an, aligned):
             aligned = _masked(node, index, an, aligned)
     return aligned
+
+
+def _grid(node: ir.Node, an: Analysis, a: tuple[int, Timed], b: tuple[int, Timed]) -> Positions:
+    """Positions along two axes: a grid of query (the earlier axis) and key positions."""
+    live = [v for v in node.inputs if v is not None and an.of(v) is not None]
+    if len(live) != 2 or a[1].key_axis is not None or b[1].key_axis is not None:
+        return Positions()
+    (query, _), (key, _) = sorted((a, b), key=lambda pair: pair[1].axis)
+    an.grids[node] = (query, key)
+    return Relative()
 
 
 def _merge_timed(a: Timed, b: Timed) -> Timed:
@@ -1050,6 +1075,8 @@ def _gather(node: ir.Node, an: Analysis) -> list[Info | None]:
         return [index_info.moved(axis + index_info.axis, rank)]
     if isinstance(info, (Final, Positions)) and index_info is None:
         return [info]
+    if isinstance(index_info, Positions) and info is None:  # a table looked up by position
+        return [Relative() if isinstance(index_info, Relative) else Positions()]
     if not isinstance(info, Timed) or picked is None or info.key_axis is not None:
         raise NotStreamable(node, "gathers frames by computed indices")
     axis = _norm(int_attr(node, "axis", 0), info.rank)
@@ -1066,6 +1093,14 @@ def _pick(info: Length, picked: np.ndarray) -> Length | None:
         return Length(None)
     flags = tuple(info.flags[int(i)] for i in np.ravel(picked))
     return Length(flags) if any(flags) else None
+
+
+@rule("GatherND")
+def _gather_nd(node: ir.Node, an: Analysis) -> list[Info | None]:
+    info, index_info = an.of(node.inputs[0]), an.of(node.inputs[1])
+    if info is None and isinstance(index_info, Positions):
+        return [Relative() if isinstance(index_info, Relative) else Positions()]
+    raise NotStreamable(node, "gathers frames by computed indices")
 
 
 @rule("Slice")
@@ -1231,6 +1266,13 @@ def _global_pool(node: ir.Node, an: Analysis) -> list[Info | None]:
     return [info]
 
 
+POSITIONS_REASON = (
+    "projects positions that are not frame positions counted from 0 (relative distances "
+    "T-1..1-T for a Transformer-XL rel_shift?): only Range(0, T), table[0:T] and grids of "
+    "them (i - j) are streamed"
+)
+
+
 @rule("MatMul")
 def _matmul(node: ir.Node, an: Analysis) -> list[Info | None]:
     a, b = node.inputs[0], node.inputs[1]
@@ -1251,6 +1293,8 @@ def _matmul(node: ir.Node, an: Analysis) -> list[Info | None]:
         return [ib.moved(ib.axis + rank - rb, rank)]
     if (isinstance(ia, Final) and ib is None) or (isinstance(ib, Final) and ia is None):
         return [Final(rank)]
+    if isinstance(ia, Positions) or isinstance(ib, Positions):
+        raise NotStreamable(node, POSITIONS_REASON)
     raise NotStreamable(node, "multiplies frames with a summary of all frames or the length")
 
 
@@ -1285,6 +1329,8 @@ def _gemm(node: ir.Node, an: Analysis) -> list[Info | None]:
         return [info]
     if isinstance(info, Final):
         return [info]
+    if isinstance(info, Positions):
+        raise NotStreamable(node, POSITIONS_REASON)
     raise NotStreamable(node, "multiplies along time")
 
 

@@ -11,6 +11,7 @@ from onnxopt.registry import register_pass
 from onnxopt.streaming import (
     AttentionSite,
     NotStreamable,
+    Relative,
     Rewrite,
     Site,
     StreamPassBase,
@@ -24,13 +25,19 @@ _BLOCKED = -1e4  # additive mask entries at or below this block a key
 
 @dataclasses.dataclass(frozen=True)
 class MaskKind:
-    """How a mask is applied: added (0 or ``fill``), or a Where condition (True keeps scores)."""
+    """How a mask is applied: added (0 or ``fill``), or a Where condition (True keeps scores).
+
+    ``bias``: a relative-position bias (finite values computed from ``i - j``), kept and fed
+    the chunk's positions; ``causal``: the mask blocks later frames (a bias may not).
+    """
 
     additive: bool
     fill: float = 0.0
     keep_when: bool = True
     dtype: str = "float32"
     rank: int = 2
+    bias: bool = False
+    causal: bool = True
 
 
 def band_of(allowed: np.ndarray) -> int | None:
@@ -61,6 +68,10 @@ def _mask_2d(array: np.ndarray, node: ir.Node) -> np.ndarray:
 def _analyse_mask(site: AttentionSite, index: int, rw: Rewrite) -> tuple[int | None, MaskKind]:
     """The band and kind of one mask, checked on both probe runs."""
     node, slot = site.masks[index]
+    if node.op_type == "Add" and isinstance(rw.an.of(node.inputs[slot]), Relative):
+        bias = _analyse_bias(node, slot, rw)
+        if bias is not None:
+            return bias
     scores_slot = next(i for i, v in enumerate(node.inputs) if isinstance(rw.an.info.get(v), Timed))
     bands = []
     for run in (0, 1):
@@ -90,6 +101,35 @@ def _analyse_mask(site: AttentionSite, index: int, rw: Rewrite) -> tuple[int | N
     return bands[1], kind
 
 
+def _analyse_bias(node: ir.Node, slot: int, rw: Rewrite) -> tuple[int | None, MaskKind] | None:
+    """A relative-position bias added to the scores (None when it is just a 0/-inf mask).
+
+    Entries at or below ``_BLOCKED`` must block the same keys for every sequence and head; if
+    any do, they must form a causal band (the bias then masks too).
+    """
+    bands: list[int | None] = []
+    for run in (0, 1):
+        array = rw.probes.value(node.inputs[slot], run)
+        flat = array.reshape(-1, *array.shape[-2:])
+        blocked = flat <= _BLOCKED
+        if run == 0 and not np.any(flat[~blocked] != 0):
+            return None
+        if not all(np.array_equal(blocked[0], other) for other in blocked[1:]):
+            raise NotStreamable(node, "masks attention differently per sequence or head")
+        causal = bool(blocked.any())
+        if causal:
+            try:
+                bands.append(band_of(~blocked[0]))
+            except ValueError as err:
+                reason = f"adds a relative-position bias that masks attention: {err}"
+                raise NotStreamable(node, reason) from None
+    fill = float(flat[blocked].flat[0]) if causal else 0.0
+    kind = MaskKind(True, fill, dtype=str(array.dtype), rank=array.ndim, bias=True, causal=causal)
+    if bands and bands[0] != bands[1] and bands[0] is not None:
+        raise NotStreamable(node, "masks attention with a band that changes with the length")
+    return (bands[1] if bands else None), kind
+
+
 @family("attention")
 def _rewrite(site: Site, rw: Rewrite) -> None:
     """Keys and values get caches; each mask is rebuilt from frame positions in the stream."""
@@ -97,7 +137,10 @@ def _rewrite(site: Site, rw: Rewrite) -> None:
     node = site.node
     name = (node.name or f"attention_{len(rw.states)}").lstrip("/")
     masks = [_analyse_mask(site, i, rw) for i in range(len(site.masks))]
-    bands = [band for band, _ in masks if band is not None]
+    if not any(kind.causal for _, kind in masks):
+        reason = "attends to every frame, future ones too (its only mask is a position bias)"
+        raise NotStreamable(node, reason)
+    bands = [band for band, kind in masks if band is not None and kind.causal]
     left_context = getattr(rw.options, "left_context", None)
     if left_context is not None:
         frames: int | None = left_context
@@ -111,7 +154,14 @@ def _rewrite(site: Site, rw: Rewrite) -> None:
         _cache(rw, value_node, 1, f"{name}.v{suffix}", frames)
     band = left_context + 1 if left_context is not None else (min(bands) if bands else None)
     for (mask_node, slot), (_, kind) in zip(site.masks, masks, strict=True):
+        if kind.bias:
+            _stream_bias(rw, node, keys, k_in, key_axis, mask_node.inputs[slot])
+        if kind.bias and not kind.causal:
+            continue
         mask = _stream_mask(rw, node, keys, k_in, key_axis, band, kind)
+        if kind.bias:  # the bias's own mask cannot see empty cache slots: add ours
+            tag = f"{mask_node.name}/masked_bias"
+            mask = rw.op("Add", [mask_node.inputs[slot], mask], before=mask_node, name=tag)
         mask_node.replace_input_with(slot, mask)
     context = "unlimited (the cache grows)" if frames is None else f"{frames} frames"
     rw.count("attention-cache", f"{node.name}: key/value caches, left context {context}")
@@ -167,17 +217,7 @@ def _stream_mask(
     def op(op_type: str, inputs: list, attrs: dict | None = None, tag: str = "") -> ir.Value:
         return rw.op(op_type, inputs, attrs, before=node, name=f"stream.mask/{tag or op_type}")
 
-    def scalar(value: ir.Value, tag: str) -> ir.Value:
-        length = op("Shape", [value], {"start": axis, "end": axis + 1}, tag=f"{tag}_shape")
-        return op("Squeeze", [length, rw.const(np.array([0], np.int64), "stream.mask/axis0")])
-
-    chunk = scalar(keys, "chunk")
-    past = scalar(k_in, "past")
-    position = _position(rw, node, chunk, rate)
-    one = rw.const(np.array(1, np.int64), "stream.mask/one")
-    end = op("Add", [position, chunk], tag="end")
-    queries = op("Range", [position, end, one], tag="queries")
-    keys_from = op("Range", [op("Sub", [position, past], tag="start"), end, one], tag="keys")
+    queries, keys_from = _stream_positions(rw, node, keys, k_in, axis)
     q = op("Unsqueeze", [queries, rw.const(np.array([1], np.int64), "stream.mask/axis1")])
     k = op("Unsqueeze", [keys_from, rw.const(np.array([0], np.int64), "stream.mask/axis0")])
     zero = rw.const(np.array(0, np.int64), "stream.mask/zero")
@@ -191,6 +231,115 @@ def _stream_mask(
         mask = op("Unsqueeze", [mask, rw.const(axes, "stream.mask/lead_axes")], tag="mask")
     rw.shared[shared] = mask
     return mask
+
+
+def _stream_positions(
+    rw: Rewrite, node: ir.Node, keys: ir.Value, k_in: ir.Value, axis: int
+) -> tuple[ir.Value, ir.Value]:
+    """Positions ``pos..pos+C-1`` of the chunk's queries and ``pos-P..pos+C-1`` of its keys."""
+    rate = rw.an.info[keys].rate
+    shared = ("positions", rate, k_in.shape[axis] if k_in.shape else None)
+    if shared in rw.shared:
+        return rw.shared[shared]
+
+    def op(op_type: str, inputs: list, attrs: dict | None = None, tag: str = "") -> ir.Value:
+        return rw.op(op_type, inputs, attrs, before=node, name=f"stream.mask/{tag or op_type}")
+
+    def scalar(value: ir.Value, tag: str) -> ir.Value:
+        length = op("Shape", [value], {"start": axis, "end": axis + 1}, tag=f"{tag}_shape")
+        return op("Squeeze", [length, rw.const(np.array([0], np.int64), "stream.mask/axis0")])
+
+    chunk = scalar(keys, "chunk")
+    past = scalar(k_in, "past")
+    position = _position(rw, node, chunk, rate)
+    one = rw.const(np.array(1, np.int64), "stream.mask/one")
+    end = op("Add", [position, chunk], tag="end")
+    queries = op("Range", [position, end, one], tag="queries")
+    keys_from = op("Range", [op("Sub", [position, past], tag="start"), end, one], tag="keys")
+    rw.shared[shared] = queries, keys_from
+    return queries, keys_from
+
+
+def _stream_bias(
+    rw: Rewrite, node: ir.Node, keys: ir.Value, k_in: ir.Value, axis: int, bias: ir.Value
+) -> None:
+    """Feed each position grid under ``bias`` the positions of the chunk's queries and keys.
+
+    The grid's two operands are recomputed from those positions by copies of the nodes between
+    them and their ``Range(0, T)``. Key positions before the stream (empty cache slots, masked)
+    are clamped to 0, so that a table lookup stays in range.
+    """
+    queries, keys_from = _stream_positions(rw, node, keys, k_in, axis)
+    zero = rw.const(np.array(0, np.int64), "stream.mask/zero")
+    keys_from = rw.op("Max", [keys_from, zero], before=node, name="stream.mask/keys_seen")
+    for grid in _grids_under(rw, bias):
+        done = rw.shared.setdefault(("grid", grid), k_in.shape[axis] if k_in.shape else None)
+        if done != (k_in.shape[axis] if k_in.shape else None):
+            raise NotStreamable(grid, "feeds position biases of attentions with different caches")
+        if ("grid-done", grid) in rw.shared:
+            continue
+        rw.shared[("grid-done", grid)] = True
+        query_slot, key_slot = rw.an.grids[grid]
+        memo: dict[ir.Value, ir.Value] = {}
+        for slot, positions in ((query_slot, queries), (key_slot, keys_from)):
+            grid.replace_input_with(slot, _recompute(rw, grid, grid.inputs[slot], positions, memo))
+        rw.count("relative-position", f"{grid.name}: relative positions from stream.position")
+
+
+def _grids_under(rw: Rewrite, bias: ir.Value) -> list[ir.Node]:
+    """The position grid nodes a relative bias is computed from."""
+    grids, stack, seen = [], [bias], set()
+    while stack:
+        value = stack.pop()
+        node = value.producer()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in rw.an.grids:
+            grids.append(node)
+            continue
+        stack.extend(v for v in node.inputs if isinstance(rw.an.of(v), Relative))
+    return grids
+
+
+def _recompute(
+    rw: Rewrite, grid: ir.Node, value: ir.Value, positions: ir.Value, memo: dict
+) -> ir.Value:
+    """``value`` (computed from ``Range(0, T)``) computed from ``positions`` instead."""
+    key = (value, positions)
+    if key in memo:
+        return memo[key]
+    node = value.producer()
+    if node is None or node.op_type == "Slice":
+        reason = "builds relative positions from a position table cut to the length"
+        raise NotStreamable(grid, reason + " (only Range(0, T) is followed)")
+    if node.op_type == "Range":
+        dtype = value.dtype or ir.DataType.INT64
+        result = rw.op("Cast", [positions], {"to": dtype}, before=grid, name=f"{value.name}_stream")
+    else:
+        inputs = [
+            _recompute(rw, grid, v, positions, memo) if _is_position(rw, v) else v
+            for v in node.inputs
+        ]
+        copy = ir.Node(
+            node.domain,
+            node.op_type,
+            inputs,
+            attributes=[ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()],
+            num_outputs=len(node.outputs),
+            version=node.version,
+            name=rw.unique(f"{node.name}/stream"),
+        )
+        rw.model.graph.insert_before(grid, copy)
+        result = copy.outputs[list(node.outputs).index(value)]
+        result.name = rw.unique(f"{value.name}_stream")
+    memo[key] = result
+    return result
+
+
+def _is_position(rw: Rewrite, value: ir.Value | None) -> bool:
+    info = rw.an.of(value)
+    return isinstance(info, Timed) and info.absolute
 
 
 def _in_kind(rw: Rewrite, op, allowed: ir.Value, kind: MaskKind) -> ir.Value:

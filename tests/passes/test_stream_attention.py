@@ -234,3 +234,97 @@ def test_band_of_reads_left_context() -> None:
     assert band_of((j <= i) & (i - j < 2)) == 2
     with pytest.raises(ValueError, match="not causal"):
         band_of(np.abs(i - j) < 2)
+
+
+def _relative(g: Graph, x: str, dtype=np.int64) -> str:
+    """i - j for query i and key j: [T, T] from Range(0, T), the way exporters build it."""
+    t = g.op("Squeeze", _length(g, x), g.const([0]))
+    pos = g.op(
+        "Range",
+        g.const(np.array(0, dtype)),
+        g.op("Cast", t, to=_ONNX[dtype]),
+        g.const(np.array(1, dtype)),
+    )
+    return g.op("Sub", g.op("Unsqueeze", pos, g.const([1])), g.op("Unsqueeze", pos, g.const([0])))
+
+
+_ONNX = {np.int64: 7, np.float32: 1}
+
+
+def _bias_table(g: Graph, rel: str, buckets: int = 16, op: str = "Gather") -> str:
+    """A learned bias per head of clip(i - j, 0, buckets-1): [1, HEADS, T, T] (T5-style)."""
+    index = g.op("Clip", rel, g.const(np.array(0)), g.const(np.array(buckets - 1)))
+    table = g.const(g.rng.standard_normal((buckets, HEADS)).astype(np.float32))
+    if op == "GatherND":
+        looked = g.op("GatherND", table, g.op("Unsqueeze", index, g.const([-1])))
+    else:
+        looked = g.op("Gather", table, index)
+    return g.op("Unsqueeze", g.op("Transpose", looked, perm=[2, 0, 1]), g.const([0]))
+
+
+def _attention_with_bias(g: Graph, x: str, bias: str, mask: str | None) -> str:
+    """_attention, with a position bias added to the scores before the (optional) mask."""
+    dh = D // HEADS
+    heads = g.const([0, 0, HEADS, dh])
+    q, k, v = (g.op("Reshape", g.op("MatMul", x, g.weight(D, D)), heads) for _ in range(3))
+    q = g.op("Transpose", q, perm=[0, 2, 1, 3])
+    kt = g.op("Transpose", k, perm=[0, 2, 3, 1])
+    v = g.op("Transpose", v, perm=[0, 2, 1, 3])
+    scores = g.op("MatMul", q, kt, name="attn/scores")
+    scores = g.op("Add", g.op("Mul", scores, g.const(np.float32(dh**-0.5))), bias, name="attn/rel")
+    if mask is not None:
+        scores = g.op("Add", scores, mask, name="attn/mask")
+    probs = g.op("Softmax", scores, axis=-1, name="attn/softmax")
+    out = g.op("Transpose", g.op("MatMul", probs, v), perm=[0, 2, 1, 3])
+    return g.op("MatMul", g.op("Reshape", out, g.const([0, 0, D])), g.weight(D, D))
+
+
+@pytest.mark.parametrize("gather", ["Gather", "GatherND"])
+def test_relative_position_bias_streams_from_the_stream_position(rng, gather) -> None:
+    """T5-style: table[clip(i - j)] per head added to the scores, a separate causal mask."""
+    g = Graph(rng)
+    bias = _bias_table(g, _relative(g, "x"), op=gather)
+    model = g.model(_attention_with_bias(g, "x", bias, _additive_tril(g, "x")))
+    result, entry = _streamed(model, StreamAttentionPass(chunk=4))
+    assert entry.counts == {"attention-cache": 1, "relative-position": 1}
+    assert offline_difference(model, result, _x(rng, 37), chunks=[1, 4, 7, 37]) < 1e-5
+
+
+def test_relative_bias_that_masks_keeps_a_band_of_caches(rng) -> None:
+    """One tensor is bias and band mask: Where(0 <= i - j < 6, table[i - j], -inf), float ranges."""
+    g = Graph(rng)
+    rel = _relative(g, "x", np.float32)
+    near = g.op(
+        "And",
+        g.op("Not", g.op("Less", rel, g.const(np.float32(0)))),
+        g.op("Less", rel, g.const(np.float32(6))),
+    )
+    index = g.op("Cast", g.op("Clip", rel, g.const(np.float32(0)), g.const(np.float32(15))), to=7)
+    bias = _bias_table(g, index)
+    masked = g.op("Where", near, bias, g.const(np.float32(-np.inf)))
+    model = g.model(_attention_with_bias(g, "x", masked, None))
+    result, entry = _streamed(model, StreamPass(chunk=4))
+    k_in = next(s for s in StreamSpec.read(result).states if s.input.endswith("k_in"))
+    assert k_in.shape[-1] == 5 and k_in.grow_axis is None
+    assert entry.counts == {"attention-cache": 1, "relative-position": 1}
+    assert offline_difference(model, result, _x(rng, 41), chunks=[1, 3, 4, 16]) < 1e-5
+
+
+def test_a_relative_bias_without_a_causal_mask_is_refused(rng) -> None:
+    g = Graph(rng)
+    model = g.model(_attention_with_bias(g, "x", _bias_table(g, _relative(g, "x")), None))
+    with pytest.raises(UnsupportedModelError, match=r"'attn/scores' \(MatMul\) .*position bias"):
+        StreamAttentionPass()(model)
+
+
+def test_transformer_xl_relative_distances_are_refused(rng) -> None:
+    """Embeddings of distances T-1..1-T (Range(T-1, -T, -1)) feed a rel_shift: refused by name."""
+    g = Graph(rng)
+    t = g.op("Squeeze", _length(g, "x"), g.const([0]))
+    start = g.op("Cast", g.op("Sub", t, g.const(np.array(1))), to=1)
+    dist = g.op("Range", start, g.op("Cast", g.op("Neg", t), to=1), g.const(np.float32(-1)))
+    pe = g.op("Sin", g.op("Mul", g.op("Unsqueeze", dist, g.const([1])), g.weight(1, D)))
+    p = g.op("MatMul", pe, g.weight(D, D), name="linear_pos")
+    model = g.model(g.op("Add", _attention(g, "x", _additive_tril(g, "x")), g.op("ReduceSum", p)))
+    with pytest.raises(UnsupportedModelError, match=r"'linear_pos' \(MatMul\) projects positions"):
+        StreamAttentionPass()(model)
