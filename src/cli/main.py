@@ -8,16 +8,18 @@ import importlib
 import importlib.util
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 import onnxopt
 from onnxopt import golden as golden_mod
 from onnxopt import model_io, ort_runner
-from onnxopt.cli import render
+from onnxopt.cli import config, render
 from onnxopt.errors import OnnxoptError, UsageError
 from onnxopt.metrics import compare_all
 
@@ -154,7 +156,22 @@ def cli(debug: bool) -> None:
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="Pipeline file (.toml or .json); flags given here override it.",
+)
+@click.option(
+    "--save-config",
+    "save_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="Write these settings to a pipeline file (.toml or .json), then run.",
+)
 @click.option("--passes", "spec", default="simplify", show_default=True, help="Pipeline spec.")
+@click.option("--target", metavar="NAME|FILE", help="Target of every pass with a target option.")
 @click.option("--golden", "golden_dir", type=click.Path(path_type=Path), help="Golden set folder.")
 @click.option("--no-verify", is_flag=True, help="Skip numeric checks (structure is checked).")
 @click.option("--keep-going", is_flag=True, help="Roll back failing passes and continue.")
@@ -168,13 +185,18 @@ def cli(debug: bool) -> None:
 )
 @click.option("--dim", "dims", multiple=True, metavar="NAME=N", help="Symbolic dim for capture.")
 @click.option("--seed", default=0, show_default=True, help="Seed for captured golden inputs.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only errors and the 'wrote' line.")
+@click.option("-v", "--verbose", is_flag=True, help="Also print notes, near misses, timings.")
 @plugin_option
 @with_options(common_tolerance)
 @handle_errors
 def run(
     model: Path,
     output: Path,
+    config_path: Path | None,
+    save_path: Path | None,
     spec: str,
+    target: str | None,
     golden_dir: Path | None,
     no_verify: bool,
     keep_going: bool,
@@ -184,44 +206,103 @@ def run(
     external_data: bool | None,
     dims: tuple[str, ...],
     seed: int,
+    quiet: bool,
+    verbose: bool,
     plugins: tuple[str, ...],
     atol: float | None,
     rtol: float | None,
     tolerance_pairs: tuple[str, ...],
 ) -> None:
     """Run a pipeline of passes on MODEL and write the result to OUTPUT."""
-    load_plugins(plugins)
-    tolerances = parse_tolerances(tolerance_pairs, atol, rtol)
-    passes = onnxopt.Pipeline(spec).passes  # a bad spec fails before the model is read
-    if golden_dir is not None and dims:
+    start = time.perf_counter()
+    if quiet and (verbose or explain):
+        raise UsageError("--quiet cannot be combined with --verbose or --explain")
+    file_values = config.read(config_path) if config_path else {}
+    given = click.get_current_context().get_parameter_source
+    flags: dict[str, Any] = {
+        field: value
+        for field, param, value in (
+            ("passes", "spec", spec),
+            ("target", "target", target),
+            ("golden", "golden_dir", golden_dir),
+            ("verify", "no_verify", not no_verify),
+            ("keep_going", "keep_going", keep_going),
+            ("report", "report_path", report_path),
+            ("external_data", "external_data", external_data),
+            ("seed", "seed", seed),
+        )
+        if given(param) not in (None, ParameterSource.DEFAULT)
+    }
+    for field, value in (
+        ("dims", parse_dims(dims)),
+        ("plugins", list(plugins)),
+        ("tolerances", parse_tolerances(tolerance_pairs, atol, rtol)),
+    ):
+        if value:
+            flags[field] = value
+    settings = config.merge(file_values, flags)
+    load_plugins(tuple(settings.plugins))
+    try:  # a bad spec fails before the model is read
+        passes = build_passes(settings.passes, settings.target)
+    except UsageError as err:
+        from_file = {"passes", "target"} & (file_values.keys() - flags.keys())
+        raise UsageError(f"{config_path}: {err}" if from_file else str(err)) from None
+    if settings.golden is not None and settings.dims:
         raise UsageError("--dim only applies when the golden set is captured; drop it or --golden")
-    progress = render.progress_printer() if not as_json else None
+    if save_path is not None:
+        protected = (model, output, *([settings.report] if settings.report else []))
+        saved = config.write(settings, save_path, protected)
+        if not as_json and not quiet:
+            click.echo(f"wrote {saved}", err=True)
+    show_progress = verbose or not (as_json or quiet)
+    progress = render.progress_printer(always=verbose) if show_progress else None
     _, report = onnxopt.optimize(
         model,
         passes,
-        golden=golden_dir,
-        verify=not no_verify,
-        dims=parse_dims(dims),
-        seed=seed,
-        tolerances=tolerances,
-        keep_going=keep_going,
+        golden=settings.golden,
+        verify=settings.verify,
+        dims=settings.dims,
+        seed=settings.seed,
+        tolerances=settings.tolerances,
+        keep_going=settings.keep_going,
         output=output,
-        external_data=external_data,
+        external_data=settings.external_data,
         progress=progress,
     )
     plugin_args = "".join(
-        f" --plugin {Path(p).absolute() if p.endswith('.py') else p}" for p in plugins
+        f" --plugin {Path(p).absolute() if p.endswith('.py') else p}" for p in settings.plugins
     )
     for entry in report.failed:
         if entry.reproducer and plugin_args:
             entry.reproducer["command"] += plugin_args
-    if report_path:
-        report.write(report_path)
+    if settings.report:
+        report.write(settings.report)
     if as_json:
         click.echo(report.to_json())
     else:
-        click.echo(render.report_table(report, explain=explain))
+        text = render.report_table(
+            report,
+            explain=explain or verbose,
+            quiet=quiet,
+            color=render.use_color(),
+            seconds=time.perf_counter() - start if verbose else None,
+        )
+        click.echo(text)
     sys.exit(report.exit_code)
+
+
+def build_passes(spec_text: str, target: str | None) -> list[onnxopt.Pass]:
+    """The pipeline's passes; ``target`` goes to every pass with a ``target`` option not set."""
+    if target is None:
+        return onnxopt.Pipeline(spec_text).passes
+    from onnxopt import spec as spec_mod
+    from onnxopt.targets import load_target
+
+    load_target(target)
+    passes = spec_mod.build(spec_text, _inherited={"target": target})
+    if not any(f.name == "target" for p in passes for f in p.options()):
+        raise UsageError(f"--target {target}: no pass in '{spec_text}' has a target option")
+    return passes
 
 
 @cli.command("passes")

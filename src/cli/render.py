@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
+import time
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -18,11 +20,33 @@ from onnxopt.report import Report
 from onnxopt.stats import op_histogram
 
 
-def progress_printer() -> Callable[[str], None] | None:
-    """Print pass progress on stderr, only when it is a terminal."""
-    if not sys.stderr.isatty():
+def progress_printer(always: bool = False) -> Callable[[str], None] | None:
+    """Print pass progress on stderr when it is a terminal (or ``always``), with elapsed time."""
+    if not always and not sys.stderr.isatty():
         return None
-    return lambda message: click.echo(f"  running {message}", err=True)
+    start = time.perf_counter()
+    return lambda message: click.echo(
+        f"  {time.perf_counter() - start:6.2f}s running {message}", err=True
+    )
+
+
+def use_color(stream: Any = None) -> bool:
+    """Color only on a terminal, and never when NO_COLOR is set (https://no-color.org)."""
+    stream = stream or sys.stdout
+    return bool(os.environ.get("NO_COLOR", "") == "" and stream.isatty())
+
+
+STATUS_COLORS = {"ok": "green", "failed": "red", "error": "red", "skipped": "yellow"}
+
+
+def status_word(word: str, color: bool, width: int = 0) -> str:
+    """A status word padded to ``width``, colored when ``color``."""
+    padded = word.ljust(width)
+    key = word.lower()
+    if not color or (key not in STATUS_COLORS and key not in ("different", "same")):
+        return padded
+    fg = STATUS_COLORS.get(key, "red" if key == "different" else "green")
+    return click.style(word, fg=fg, bold=fg == "red") + padded[len(word) :]
 
 
 def human_bytes(n: float) -> str:
@@ -42,8 +66,49 @@ def _metric(entry: Any) -> str:
     return f"max|d| {max_abs:.2g}" if isinstance(max_abs, float) else f"max|d| {max_abs}"
 
 
-def report_table(report: Report, *, explain: bool = False) -> str:
-    """The per-pass table, pass notes (near misses too with ``explain``), then failures."""
+def report_table(
+    report: Report,
+    *,
+    explain: bool = False,
+    quiet: bool = False,
+    color: bool = False,
+    seconds: float | None = None,
+) -> str:
+    """The per-pass table, pass notes (near misses too with ``explain``), then failures.
+
+    ``quiet`` keeps only the failures and the outcome line; ``seconds`` (the whole run's wall
+    time) adds a line splitting it into passes, checks and the rest.
+    """
+    lines = [] if quiet else _table(report, color)
+    if not quiet:
+        for p in report.passes:
+            lines += [f"{p.spec}: {note}" for note in p.notes]
+            if explain:
+                lines += [f"{p.spec}: {miss}" for miss in p.misses]
+    for p in report.failed:
+        lines.append(f"{p.name} {status_word(p.status, color)}: {p.reason} (rolled back)")
+        if p.first_diverging:
+            d = p.first_diverging
+            lines.append(f"  first diverging tensor: '{d['name']}' ({d['reason']})")
+        if p.reproducer:
+            lines.append(f"  reproduce: {p.reproducer['command']}")
+    if seconds is not None and not quiet:
+        passes = sum(p.seconds for p in report.passes)
+        checks = sum(p.verify_seconds for p in report.passes)
+        lines.append(
+            f"time: {seconds:.2f}s (passes {passes:.2f}s, checks {checks:.2f}s, "
+            f"load, golden capture and save {max(seconds - passes - checks, 0):.2f}s)"
+        )
+    if report.output:
+        lines.append(f"wrote {report.output}")
+    elif not report.ok and not report.keep_going:
+        lines.append(
+            "no output written (use --keep-going to write the model without failed passes)"
+        )
+    return "\n".join(lines)
+
+
+def _table(report: Report, color: bool) -> list[str]:
     rows = [("pass", "kind", "status", "metric", "nodes", "weights", "time+check", "rules fired")]
     for p in report.passes:
         delta = p.nodes_after - p.nodes_before
@@ -62,28 +127,14 @@ def report_table(report: Report, *, explain: bool = False) -> str:
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in rows
+        "  ".join(
+            status_word(cell, color and i == 2 and r > 0, w) if i == 2 else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for r, row in enumerate(rows)
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    for p in report.passes:
-        lines += [f"{p.spec}: {note}" for note in p.notes]
-        if explain:
-            lines += [f"{p.spec}: {miss}" for miss in p.misses]
-    for p in report.failed:
-        lines.append(f"{p.name} {p.status}: {p.reason} (rolled back)")
-        if p.first_diverging:
-            d = p.first_diverging
-            lines.append(f"  first diverging tensor: '{d['name']}' ({d['reason']})")
-        if p.reproducer:
-            lines.append(f"  reproduce: {p.reproducer['command']}")
-    if report.output:
-        lines.append(f"wrote {report.output}")
-    elif not report.ok and not report.keep_going:
-        lines.append(
-            "no output written (use --keep-going to write the model without failed passes)"
-        )
-    return "\n".join(lines)
+    return lines
 
 
 def pass_listing() -> dict[str, Any]:
