@@ -507,6 +507,9 @@ class Analysis:
             outputs: list[Info | None] = [infos[0]]
         elif all(info is None for info in infos):
             return  # nothing here depends on the frames
+        elif (node.domain.replace("ai.onnx", ""), node.op_type) in FUSED_ATTENTION:
+            reason = node.meta.get(_UNDECOMPOSED, "was not decomposed")
+            raise NotStreamable(node, f"is a fused attention that cannot be decomposed: {reason}")
         elif node.domain not in ("", "ai.onnx") or node.op_type not in _RULES:
             raise NotStreamable(node, "is not known to keep frames apart (no streaming rule)")
         else:
@@ -809,6 +812,12 @@ def _size(value: ir.Value) -> int | None:
     if value.shape is not None and all(isinstance(d, int) for d in value.shape):
         return int(np.prod(value.shape, dtype=np.int64))
     return None
+
+
+@rule("CastLike")
+def _cast_like(node: ir.Node, an: Analysis) -> list[Info | None]:
+    """CastLike takes only the type of its second input."""
+    return [an.of(node.inputs[0])]
 
 
 @rule("BatchNormalization", "QuantizeLinear", "DequantizeLinear")
@@ -1349,7 +1358,6 @@ for _op, _reason in {
     "Resize": "resamples along time",
     "Upsample": "resamples along time",
     "ConvTranspose": "upsamples along time (transposed convolutions are not supported)",
-    "Attention": "is a fused attention; decompose it first ('lower')",
     "ReverseSequence": "reverses frames (reads future frames)",
     "TopK": "sorts values (not analysed along time)",
     "NonZero": "has a data-dependent shape",
@@ -1702,13 +1710,15 @@ def make_streaming(model: ir.Model, options: StreamPassBase) -> PassResult:
             notes=["the model streams already (it has streaming metadata); left unchanged"],
         )
     InferShapesPass()(model)
+    decomposed = decompose_fused_attention(model)
     chunked = chunked_inputs(model, options.time_axis)
     try:
         an = Analysis(model, chunked, options.families).run()
     except AlreadyStreaming as signal:
-        return PassResult(model, False, notes=[f"{signal}; left unchanged"])
+        return PassResult(model, bool(decomposed), notes=[f"{signal}; left unchanged"])
     if not an.sites:
-        return PassResult(model, False, notes=["no node keeps past frames: nothing to stream"])
+        note = "no node keeps past frames: nothing to stream"
+        return PassResult(model, bool(decomposed), notes=[note])
     multiple = frame_multiple(an)
     if options.chunk % multiple:
         raise UsageError(
@@ -1734,7 +1744,48 @@ def make_streaming(model: ir.Model, options: StreamPassBase) -> PassResult:
     spec.write(model)
     ir.passes.common.RemoveUnusedNodesPass()(model)
     model.graph.sort()
-    return PassResult(model, True, counts=rewrite.counts, notes=rewrite.notes)
+    counts = {**rewrite.counts, **({"decompose-attention": decomposed} if decomposed else {})}
+    return PassResult(model, True, counts=counts, notes=rewrite.notes)
+
+
+FUSED_ATTENTION = {("", "Attention"), ("com.microsoft", "MultiHeadAttention")}
+_UNDECOMPOSED = "onnxopt.streaming.undecomposed"
+
+
+def decompose_fused_attention(model: ir.Model) -> int:
+    """Replace fused attention (Attention-23, MultiHeadAttention) by its decomposition.
+
+    The ``lower`` pass's decompositions spell out the scores, the mask (``is_causal`` becomes
+    ``-inf`` where key > query, built from ``Range``s over the lengths) and the softmax, which
+    the analysis then streams like any exported attention. Why a node could not be decomposed
+    is kept in its ``meta`` for the refusal. Returns how many nodes were replaced.
+    """
+    from onnxopt.targets import decompositions as decomp
+
+    replaced = 0
+    opset_version = model.opset_imports.get("", 1)
+    for node in list(model.graph):
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        if (domain, node.op_type) not in FUSED_ATTENTION:
+            continue
+        reasons = []
+        for option in decomp.decompositions(domain, node.op_type):
+            reason = option.reason_not_applicable(node, opset_version)
+            if reason is None:
+                before = set(model.graph)
+                decomp.replace(model, node, option)
+                decomp.inline_calls(model)
+                for new in model.graph:  # a refusal names the nodes after the fused one
+                    if new not in before:
+                        new.name = f"{node.name}/{new.name or new.op_type}"
+                replaced += 1
+                break
+            reasons.append(reason)
+        else:
+            node.meta[_UNDECOMPOSED] = "; ".join(dict.fromkeys(reasons)) or "no decomposition"
+    if replaced:
+        InferShapesPass()(model)
+    return replaced
 
 
 def frame_multiple(an: Analysis) -> int:

@@ -328,3 +328,69 @@ def test_transformer_xl_relative_distances_are_refused(rng) -> None:
     model = g.model(g.op("Add", _attention(g, "x", _additive_tril(g, "x")), g.op("ReduceSum", p)))
     with pytest.raises(UnsupportedModelError, match=r"'linear_pos' \(MatMul\) projects positions"):
         StreamAttentionPass()(model)
+
+
+def _fused(rng, op: str, causal: int = 1) -> ir.Model:
+    """x -> Q, K, V -> fused attention (Attention-23 on 4-D or 3-D, or MultiHeadAttention)."""
+    g = Graph(rng)
+    dh = D // HEADS
+    q, k, v = (g.op("MatMul", "x", g.weight(D, D)) for _ in range(3))
+    if op == "Attention4d":
+        heads = g.const([0, 0, HEADS, dh])
+        q, k, v = (
+            g.op("Transpose", g.op("Reshape", t, heads), perm=[0, 2, 1, 3]) for t in (q, k, v)
+        )
+        out = g.op("Attention", q, k, v, is_causal=causal, name="attn")
+        out = g.op("Reshape", g.op("Transpose", out, perm=[0, 2, 1, 3]), g.const([0, 0, D]))
+    elif op == "Attention3d":
+        kw = {"q_num_heads": HEADS, "kv_num_heads": HEADS}
+        out = g.op("Attention", q, k, v, is_causal=causal, name="attn", **kw)
+    else:
+        bias = g.op("Unsqueeze", _additive_tril(g, "x"), g.const([0, 1]))  # [1, 1, T, T]
+        g.nodes.append(
+            helper.make_node(
+                "MultiHeadAttention",
+                [q, k, v, "", "", bias],
+                ["mha"],
+                domain="com.microsoft",
+                num_heads=HEADS,
+                name="attn",
+            )
+        )
+        out = "mha"
+    model = g.model(g.op("MatMul", out, g.weight(D, D)))
+    model.opset_imports[""] = 23 if op.startswith("Attention") else 17
+    model.opset_imports["com.microsoft"] = 1
+    return model
+
+
+@pytest.mark.parametrize("op", ["Attention4d", "Attention3d", "MultiHeadAttention"])
+def test_fused_causal_attention_is_decomposed_then_streamed(rng, op) -> None:
+    model = _fused(rng, op)
+    result, entry = _streamed(model, StreamAttentionPass(chunk=4))
+    assert entry.counts == {"attention-cache": 1, "decompose-attention": 1}
+    assert not any(n.op_type in ("Attention", "MultiHeadAttention") for n in result.graph)
+    assert offline_difference(model, result, _x(rng, 29), chunks=[1, 4, 7]) < 1e-5
+
+
+def test_fused_attention_without_causal_flag_is_refused(rng) -> None:
+    with pytest.raises(UnsupportedModelError, match=r"node 'attn/.*' \(Softmax\) attends to every"):
+        StreamAttentionPass()(_fused(rng, "Attention4d", causal=0))
+    model = _fused(rng, "MultiHeadAttention")
+    next(n for n in model.graph if n.name == "attn").attributes["unidirectional"] = ir.AttrInt64(
+        "unidirectional", 1
+    )
+    with pytest.raises(UnsupportedModelError, match=r"'attn' .*cannot be decomposed: unidir"):
+        StreamAttentionPass()(model)
+
+
+@pytest.mark.parametrize("opset", [17, 23])  # fuse-attention emits MultiHeadAttention / Attention
+def test_fused_then_streamed_in_one_pipeline(rng, opset) -> None:
+    model = _causal_transformer(rng)
+    model.opset_imports[""] = opset
+    result, report = Pipeline("fuse,stream(chunk=4)").run(model.clone())
+    entries = {p.name: p for p in report.passes}
+    assert entries["fuse-attention"].counts == {"attention": 1}
+    assert entries["stream"].status == "ok", entries["stream"].reason
+    assert entries["stream"].counts == {"attention-cache": 1, "decompose-attention": 1}
+    assert offline_difference(model, result, _x(rng, 27), chunks=[1, 4, 7]) < 1e-5
