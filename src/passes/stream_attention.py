@@ -389,8 +389,14 @@ class StreamAttentionPass(StreamPassBase):
       3. ``position-offset``: absolute positions made explicit, ``Range(0, T)`` (then, say, an
          embedding Gather) or a table cut to ``table[0:T]``, count from the stream position.
          (Every stream pass applies this rule.)
-      4. Attention with no mask, or a mask letting a frame see later frames, reads the future
-         and is refused by name; so are other uses of positions (relative biases).
+      4. ``relative-position``: a bias added to the scores computed from a grid of positions
+         (``Range(0, T)`` as queries x keys, ``table[f(i - j)]``) is fed the positions of the
+         chunk's queries and of the cached and new keys; a bias holding -inf also masks.
+      5. Attention with no mask (a position bias alone is none), or a mask letting a frame see
+         later frames, reads the future and is refused by name; so are positions that do not
+         count from frame 0 (Transformer-XL distance embeddings).
+    Fused attention (``Attention``-23, ``MultiHeadAttention``) is decomposed first (every
+    stream pass does this; rule ``decompose-attention``).
 
     Options:
         left_context: Past frames kept in the caches (and attended to); by default the
