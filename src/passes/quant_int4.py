@@ -163,10 +163,48 @@ def _weight_of(node: ir.Node) -> tuple[ir.Value, bool, str] | None:
     return (source, True, "matmul-transposed") if perm in (None, [1, 0], (1, 0)) else None
 
 
-def weight_rows(target: Target) -> np.ndarray:
-    """The weight as rows ``[N, K]``: a view of the (possibly memory-mapped) array, no copy."""
-    array = target.weight.const_value.numpy()
+def weight_rows(target: Target, *, stream: bool = True) -> np.ndarray | FileRows:
+    """The weight as rows ``[N, K]``, read nowhere yet.
+
+    A weight in external data comes as a :class:`FileRows` reader of slabs when ``stream``;
+    otherwise it is a view of the array (memory-mapped for external data), no copy.
+    """
+    tensor = target.weight.const_value
+    if stream and isinstance(tensor, ir.ExternalTensor) and tensor.dtype in _FLOATS:
+        return FileRows(tensor, transposed=not target.rows)
+    array = tensor.numpy()
     return array if target.rows else array.T
+
+
+class FileRows:
+    """Rows ``[N, K]`` of a 2-D weight in an external data file, read slab by slab.
+
+    Nothing is memory-mapped: each slab is read with ``np.fromfile`` and dropped after use,
+    so the process never holds more of the weight than the slabs being quantized. When
+    ``transposed`` the file holds ``W[K, N]`` and the cheap slabs are whole rows of W
+    (``along_k``); otherwise the file holds the rows themselves.
+    """
+
+    def __init__(self, tensor: ir.ExternalTensor, *, transposed: bool) -> None:
+        self.path, self.offset = tensor.path, tensor.offset or 0
+        self.dtype = tensor.dtype.numpy()
+        self.file_shape = tuple(tensor.shape.numpy())
+        self.along_k = transposed
+        self.shape = self.file_shape[::-1] if transposed else self.file_shape
+
+    def __getitem__(self, index: tuple[slice, slice]) -> np.ndarray:
+        rows, columns = index
+        if self.along_k:  # rows of the file are columns here
+            return self._read(columns).T[rows]
+        return self._read(rows)[:, columns]
+
+    def _read(self, lines: slice) -> np.ndarray:
+        """Lines ``start:stop`` of the file's ``[A, B]`` array (contiguous bytes)."""
+        total, width = self.file_shape
+        start, stop = lines.start or 0, min(lines.stop if lines.stop is not None else total, total)
+        offset = self.offset + start * width * self.dtype.itemsize
+        data = np.fromfile(self.path, self.dtype, count=(stop - start) * width, offset=offset)
+        return data.reshape(stop - start, width)
 
 
 def _drop_if_unused(target: Target) -> None:
@@ -185,7 +223,10 @@ def _drop_if_unused(target: Target) -> None:
     if not weight.uses() and not weight.is_graph_output() and weight.is_initializer():
         del weight.graph.initializers[weight.name]
     if isinstance(tensor, ir.ExternalTensor):
-        tensor.release()
+        try:
+            tensor.release()
+        except BufferError:  # someone still holds a view of the mapped array: leave it mapped
+            logger.debug("%s: %s stays mapped (views exist)", target.weight.name, tensor.path)
 
 
 def add_initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value:
@@ -259,8 +300,9 @@ class QuantInt4Pass(WeightQuantPass):
         if self.accuracy_level not in range(5):
             raise ValueError(f"accuracy_level must be 0 to 4, not {self.accuracy_level}")
 
-    def quantize(self, rows: np.ndarray) -> blocks.Blockwise:
+    def quantize(self, rows: np.ndarray | FileRows) -> blocks.Blockwise:
         options = {"bits": self.bits, "block": self.block, "symmetric": self.symmetric}
+        options["along_k"] = getattr(rows, "along_k", None)
         if self.algo == "rtn":
             return blocks.rtn(rows, **options)
         return kquant.kquant(rows, importance=self.importance, **options)

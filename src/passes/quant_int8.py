@@ -57,10 +57,10 @@ class QuantInt8Pass(QuantInt4Pass):
         return super(QuantInt4Pass, self).prepare(model, result)
 
     def rewrite(self, model: ir.Model, target: Target, counts: dict[str, int]) -> int:
-        rows = weight_rows(target)
         if self.format == "matmulnbits":
-            return to_matmul_nbits(target, self.quantize(rows), self.accuracy_level, counts)
-        q, scales = blocks.per_channel_int8(rows)  # [N, K], [N]
+            quant = self.quantize(weight_rows(target))
+            return to_matmul_nbits(target, quant, self.accuracy_level, counts)
+        q, scales = blocks.per_channel_int8(weight_rows(target, stream=False))  # [N, K], [N]
         if self.format == "qdq":
             return _to_dequantize_linear(target, q, scales, counts)
         return _to_dynamic(target, q, scales, counts)

@@ -142,12 +142,15 @@ def quantize_rows(
     kernel: Kernel = rtn_kernel,
     importance: Callable[[np.ndarray], np.ndarray] | None = None,
     threads: int | None = None,
+    along_k: bool | None = None,
 ) -> Blockwise:
     """Quantize ``rows [N, K]`` block by block, in cache-sized pieces, on ``threads``.
 
     ``rows`` may be ``W.T`` of a (memory-mapped) ``[K, N]`` weight: then each piece is a
     contiguous slab of whole blocks along K (all N columns), otherwise a slab of whole rows.
-    Each piece is copied to float32 on its own, so no full-size float copy is made.
+    Each piece is copied to float32 on its own, so no full-size float copy is made. ``rows``
+    may also be any object with ``shape`` and ``rows[row_slice, column_slice]`` (a reader of
+    slabs from a file); ``along_k`` then says which slabs it reads cheaply.
     ``importance`` maps blocks ``[B, n]`` to per-value weights; padding gets weight 0.
     """
     if bits not in (2, 4, 8):
@@ -175,7 +178,9 @@ def quantize_rows(
         if zero_points is not None:
             zero_points[rs, bs] = z.reshape(count, piece_kb)
 
-    pieces = _pieces(rows, block, kb)
+    if along_k is None:
+        along_k = rows.T.flags.c_contiguous and not rows.flags.c_contiguous
+    pieces = _pieces(n, block, kb, along_k)
     workers = threads if threads is not None else THREADS
     if workers > 1 and len(pieces) > 1:
         with ThreadPoolExecutor(workers) as pool:
@@ -189,10 +194,9 @@ def quantize_rows(
     return Blockwise(codes, scales, zero_points, bits, k)
 
 
-def _pieces(rows: np.ndarray, block: int, kb: int) -> list[tuple[slice, slice]]:
-    """``(rows, k-blocks)`` slices of about CHUNK_ELEMENTS values, contiguous in memory."""
-    n = rows.shape[0]
-    if rows.T.flags.c_contiguous and not rows.flags.c_contiguous:  # W.T: slabs along K
+def _pieces(n: int, block: int, kb: int, along_k: bool) -> list[tuple[slice, slice]]:
+    """``(rows, k-blocks)`` slices of about CHUNK_ELEMENTS values: slabs along K or along N."""
+    if along_k:
         step = max(1, CHUNK_ELEMENTS // (n * block))
         return [(slice(0, n), slice(b, min(b + step, kb))) for b in range(0, kb, step)]
     step = max(1, CHUNK_ELEMENTS // (kb * block))

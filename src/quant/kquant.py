@@ -41,6 +41,7 @@ def kquant(
     symmetric: bool,
     importance: str = "uniform",
     threads: int | None = None,
+    along_k: bool | None = None,
 ) -> Blockwise:
     """k-quant of ``rows [N, K]``; ``importance`` is ``uniform`` (weight MSE) or ``magnitude``."""
     weights = {"uniform": None, "magnitude": magnitude_importance}
@@ -54,6 +55,7 @@ def kquant(
         kernel=kquant_kernel,
         importance=weights[importance],
         threads=threads,
+        along_k=along_k,
     )
 
 

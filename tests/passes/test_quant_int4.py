@@ -10,6 +10,7 @@ from onnx import helper
 
 from onnxopt import model_io, optimize, spec
 from onnxopt.errors import UsageError
+from onnxopt.passes import quant_int4
 from onnxopt.passes.quant_int4 import QuantInt4Pass
 from onnxopt.quant import blocks, kquant
 
@@ -274,3 +275,28 @@ def test_float16_weights_keep_float16_scales(rng, fmt):
     y = run(model, {"x": x})["y"].astype(np.float32)
     expected = x.astype(np.float32) @ w.astype(np.float32)
     assert np.linalg.norm(y - expected) / np.linalg.norm(expected) < 0.1
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_external_weights_read_in_slabs_give_the_same_model(rng, tmp_path, trans_b):
+    """Slabs read from the data file (no memory map) quantize exactly as the array would."""
+    model, _, _ = _gemm(rng, trans_b=trans_b, c_shape=(N,))
+    in_memory = model.clone()
+    path = model_io.save(model, tmp_path / "m.onnx", external_data=True)
+    lazy = model_io.load(path)
+    tensor = lazy.graph.initializers["b"].const_value
+    rows = quant_int4.weight_rows(quant_int4.Target(lazy.graph.initializers["b"], bool(trans_b)))
+    assert isinstance(rows, quant_int4.FileRows) and rows.shape == (N, K)
+    expected = np.array(tensor.numpy() if trans_b else tensor.numpy().T)
+    np.testing.assert_array_equal(rows[slice(3, 9), slice(10, 50)], expected[3:9, 10:50])
+    tensor.release()
+    held = model_io.load(path)  # a view of a mapped weight held elsewhere does not break the pass
+    view = held.graph.initializers["b"].const_value.numpy()
+    assert QuantInt4Pass()(held).counts == {"gemm": 1} and view.shape
+    QuantInt4Pass()(lazy)
+    QuantInt4Pass()(in_memory)
+    for name, value in in_memory.graph.initializers.items():
+        np.testing.assert_array_equal(
+            lazy.graph.initializers[name].const_value.numpy(), value.const_value.numpy()
+        )
+    assert tensor.raw is None  # never memory-mapped

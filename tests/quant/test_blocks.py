@@ -62,7 +62,7 @@ def test_slabs_along_k_and_threads_give_the_same_result(rng, k, symmetric):
     old = blocks.CHUNK_ELEMENTS
     blocks.CHUNK_ELEMENTS = 2048  # one k-block of all 64 columns per piece: 4 pieces
     try:
-        assert len(blocks._pieces(weight.T, 32, 4)) == 4
+        assert len(blocks._pieces(64, 32, 4, along_k=True)) == 4
         sliced = blocks.rtn(weight.T, threads=2, **options)
     finally:
         blocks.CHUNK_ELEMENTS = old
