@@ -19,6 +19,7 @@ from click.core import ParameterSource
 import onnxopt
 from onnxopt import golden as golden_mod
 from onnxopt import model_io, ort_runner
+from onnxopt.cli import bench as bench_mod
 from onnxopt.cli import config, render
 from onnxopt.errors import OnnxoptError, UsageError
 from onnxopt.metrics import compare_all
@@ -303,6 +304,53 @@ def build_passes(spec_text: str, target: str | None) -> list[onnxopt.Pass]:
     if not any(f.name == "target" for p in passes for f in p.options()):
         raise UsageError(f"--target {target}: no pass in '{spec_text}' has a target option")
     return passes
+
+
+@cli.command("bench")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model2", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--runs", default=50, show_default=True, help="Timed runs per model.")
+@click.option("--warmup", default=5, show_default=True, help="Untimed runs before them.")
+@click.option("--threads", default=0, show_default=True, help="ORT intra-op threads; 0: ORT's.")
+@click.option(
+    "--opt-level",
+    type=click.Choice(bench_mod.OPT_LEVELS),
+    default="all",
+    show_default=True,
+    help="ORT graph optimization level.",
+)
+@click.option("--dim", "dims", multiple=True, metavar="NAME=N", help="Size of a symbolic dim.")
+@click.option("--seed", default=0, show_default=True, help="Seed of synthesized inputs.")
+@click.option(
+    "--golden", "golden_dir", type=click.Path(path_type=Path), help="Inputs: a golden set's first."
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def bench(
+    model: Path,
+    model2: Path | None,
+    runs: int,
+    warmup: int,
+    threads: int,
+    opt_level: str,
+    dims: tuple[str, ...],
+    seed: int,
+    golden_dir: Path | None,
+    as_json: bool,
+) -> None:
+    """ORT CPU latency, peak memory and size of MODEL, and of MODEL2 beside it as ratios."""
+    report = bench_mod.bench(
+        [model, *([model2] if model2 else [])],
+        runs=runs,
+        warmup=warmup,
+        threads=threads,
+        opt_level=opt_level,
+        dims=parse_dims(dims),
+        seed=seed,
+        golden=golden_dir,
+        progress=None if as_json else render.progress_printer(),
+    )
+    click.echo(json.dumps(report, indent=2) if as_json else bench_mod.text(report))
 
 
 @cli.command("passes")
