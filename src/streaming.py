@@ -352,6 +352,8 @@ class Timed:
     Attention scores and probabilities also have a ``key_axis`` over the frames attended to;
     ``scores`` is the MatMul that made them and ``masked`` says a causal mask was applied.
     ``absolute`` values are computed from frame positions alone (``Range(0, T)``, ``pe[:T]``).
+    ``distance``: the axis (or the key axis, for scores) runs over the ``2T-1`` relative
+    distances ``T-1..1-T`` of a Transformer-XL position embedding, not over frames.
     """
 
     axis: int
@@ -361,6 +363,7 @@ class Timed:
     scores: ir.Node | None = None
     masked: bool = False
     absolute: bool = False
+    distance: bool = False
 
     def moved(self, axis: int, rank: int, key_axis: int | None = None) -> Timed:
         return dataclasses.replace(self, axis=axis, rank=rank, key_axis=key_axis)
@@ -410,6 +413,22 @@ class Site:
 
 
 @dataclasses.dataclass
+class RelShift:
+    """Transformer-XL relative scores: ``rel_shift((q + v) @ P^T)``, P over distances.
+
+    ``matmul`` makes ``start`` ([.., T, 2T-1]); the pad/reshape/slice nodes after it make
+    ``end`` ([.., T, T]); ``ranges`` are the ``Range(T-1, -T, -1)`` nodes P is computed from;
+    ``scores`` is the score MatMul of the attention whose scores ``end`` is added to.
+    """
+
+    matmul: ir.Node
+    start: ir.Value
+    end: ir.Value
+    ranges: list[ir.Node]
+    scores: ir.Node | None = None
+
+
+@dataclasses.dataclass
 class AttentionSite(Site):
     """Self-attention: the score MatMul (Q @ K^T), the MatMuls with V, and the causal masks."""
 
@@ -444,6 +463,9 @@ class Analysis:
         self.absorbed: set[ir.Node] = set()  # nodes a site takes over (a chomping Slice)
         self.probes: set[ir.Value] = set()  # values whose shape or content a rewrite needs
         self.grids: dict[ir.Node, tuple[int, int]] = {}  # pos grid node -> (query, key) slots
+        self.distance_ranges: set[ir.Node] = set()  # Range(T-1, -T, -1) candidates
+        self.rel_shifts: dict[ir.Node, RelShift] = {}  # by the (q + v) @ P^T MatMul
+        self.passthrough: dict[ir.Node, int] = {}  # rel_shift nodes -> slot of the scores
         for value in model.graph.inputs:
             if value.name in chunked:
                 self.info[value] = Timed(chunked[value.name], len(value.shape or ()))
@@ -505,6 +527,8 @@ class Analysis:
         infos = [self.of(v) for v in node.inputs]
         if node in self.absorbed:
             outputs: list[Info | None] = [infos[0]]
+        elif node in self.passthrough:
+            outputs = [_through_shift(node, self, infos[self.passthrough[node]])]
         elif all(info is None for info in infos):
             return  # nothing here depends on the frames
         elif (node.domain.replace("ai.onnx", ""), node.op_type) in FUSED_ATTENTION:
@@ -699,18 +723,19 @@ def _timed_elementwise(node: ir.Node, an: Analysis) -> Info:
             shift = out_rank - info.rank
             key = None if info.key_axis is None else info.key_axis + shift
             moved = info.moved(info.axis + shift, out_rank, key)
-            if aligned is not None and (moved.axis, moved.key_axis, moved.rate) != (
-                aligned.axis,
-                aligned.key_axis,
-                aligned.rate,
-            ):
+            if aligned is not None and (
+                moved.axis,
+                moved.key_axis,
+                moved.rate,
+                moved.distance,
+            ) != (aligned.axis, aligned.key_axis, aligned.rate, aligned.distance):
                 if aligned.absolute and moved.absolute:
                     return _grid(node, an, (aligned_index, aligned), (index, moved))
                 raise NotStreamable(node, "combines frames along different axes or strides")
             if aligned is None:
                 aligned, aligned_index = moved, index
             else:
-                aligned = _merge_timed(aligned, moved)
+                aligned = _merge_timed(aligned, moved, node, an)
         elif isinstance(info, Final):
             raise NotStreamable(node, "uses a summary of all frames at every frame (reads ahead)")
         elif isinstance(info, Length):
@@ -734,13 +759,26 @@ def _grid(node: ir.Node, an: Analysis, a: tuple[int, Timed], b: tuple[int, Timed
     return Relative()
 
 
-def _merge_timed(a: Timed, b: Timed) -> Timed:
+def _merge_timed(a: Timed, b: Timed, node: ir.Node | None = None, an: Analysis | None = None):
+    scores = a.scores or b.scores
+    if a.scores is not None and b.scores is not None and a.scores is not b.scores:
+        scores = _link_shift(node, an, a.scores, b.scores)
     return dataclasses.replace(
         a,
         masked=a.masked or b.masked,
-        scores=a.scores or b.scores,
+        scores=scores,
         absolute=a.absolute and b.absolute,
     )
+
+
+def _link_shift(node: ir.Node | None, an: Analysis | None, a: ir.Node, b: ir.Node) -> ir.Node:
+    """Relative scores added to an attention's scores: link them; the attention's MatMul."""
+    assert node is not None and an is not None
+    shift, scores = (an.rel_shifts.get(a), b) if a in an.rel_shifts else (an.rel_shifts.get(b), a)
+    if shift is None or shift.scores not in (None, scores):
+        raise NotStreamable(node, "adds the scores of two attentions")
+    shift.scores = scores
+    return scores
 
 
 def _per_frame(value: ir.Value, an: Analysis, timed: Timed) -> bool:
@@ -866,6 +904,11 @@ def _positions(node: ir.Node, an: Analysis) -> list[Info | None]:
         if rate and _is_scalar(start, 0) and _is_scalar(delta, 1):
             an.sites.append(Site("positions", node))
             return [Timed(0, 1, rate, absolute=True)]  # frame positions 0..T-1
+        lengths = [an.of(v) for v in node.inputs[:2]]
+        if _is_scalar(delta, -1) and all(isinstance(i, Length) for i in lengths):
+            an.distance_ranges.add(node)  # T-1..1-T, probed when a rel_shift uses it
+            an.probes.add(node.outputs[0])
+            return [Timed(0, 1, distance=True)]
     return [Positions()]
 
 
@@ -1309,6 +1352,11 @@ def _matmul(node: ir.Node, an: Analysis) -> list[Info | None]:
 
 def _matmul_frames(node: ir.Node, an: Analysis, a: Timed, b: Timed, rank: int) -> Timed:
     """Scores Q @ K^T (keys along b's last axis) or attention probabilities @ V."""
+    if a.distance or b.distance:
+        plain_query = not a.distance and a.key_axis is None and a.axis == a.rank - 2
+        if plain_query and b.key_axis is None and b.axis == b.rank - 1:
+            return _rel_shift(node, an, a, b, rank)
+        raise NotStreamable(node, "multiplies distance embeddings in a way not followed")
     if a.rate != b.rate:
         raise NotStreamable(node, "multiplies frames of different strides")
     ra, rb = a.rank, b.rank
@@ -1326,6 +1374,54 @@ def _matmul_frames(node: ir.Node, an: Analysis, a: Timed, b: Timed, rank: int) -
     if a.axis + rank - ra == b.axis + rank - rb < rank - 2:
         return a.moved(a.axis + rank - ra, rank)  # frames along a batch axis of both
     raise NotStreamable(node, "mixes frames of both operands in a way that reads ahead")
+
+
+_SHIFT_OPS = {"Pad", "Reshape", "Slice", "Concat"}
+
+
+def _rel_shift(node: ir.Node, an: Analysis, q: Timed, p: Timed, rank: int) -> Timed:
+    """``(q + v) @ P^T``: follow the rel_shift after it (pad, reshapes, slices) to its end."""
+    value, chain = node.outputs[0], []
+    while True:
+        users = [(c, i) for c in value.consumers() for i, v in enumerate(c.inputs) if v is value]
+        data = [(c, i) for c, i in users if c.op_type not in ("Shape", "Size")]
+        if len(data) != 1 or data[0][0].op_type not in _SHIFT_OPS or value.is_graph_output():
+            break
+        consumer, slot = data[0]
+        if consumer.op_type != "Concat" and slot != 0:
+            break
+        chain.append((consumer, slot))
+        value = consumer.outputs[0]
+    if not chain:
+        raise NotStreamable(node, "uses relative-distance scores without a rel_shift")
+    ranges = _distance_sources(node.inputs[1], an)
+    an.rel_shifts[node] = RelShift(node, node.outputs[0], value, ranges)
+    an.passthrough.update(chain)
+    an.probes.update([node.outputs[0], value])
+    return Timed(rank - 2, rank, q.rate, key_axis=rank - 1, scores=node, distance=True)
+
+
+def _distance_sources(value: ir.Value, an: Analysis) -> list[ir.Node]:
+    """The ``Range(T-1, -T, -1)`` nodes a distance embedding is computed from."""
+    found, stack, seen = [], [value], set()
+    while stack:
+        node = stack.pop().producer()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in an.distance_ranges:
+            found.append(node)
+            continue
+        stack.extend(v for v in node.inputs if getattr(an.of(v), "distance", False))
+    return found
+
+
+def _through_shift(node: ir.Node, an: Analysis, info: Info | None) -> Info | None:
+    """A rel_shift node passes its scores on; after the last, keys are frames again."""
+    shift = next((s for s in an.rel_shifts.values() if s.end is node.outputs[0]), None)
+    if shift is None or not isinstance(info, Timed):
+        return info
+    return dataclasses.replace(info, distance=False)
 
 
 @rule("Gemm")
@@ -1811,6 +1907,8 @@ def _mark_time_dims(an: Analysis) -> None:
             continue
         dims = list(value.shape)
         dims[info.axis] = "chunk" if info.rate == 1 else f"chunk_{info.rate}"
+        if info.distance and info.key_axis is None:
+            dims[info.axis] = None  # distances, not frames
         if info.key_axis is not None:
             dims[info.key_axis] = None
         value.shape = ir.Shape(dims)

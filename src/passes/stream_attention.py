@@ -12,6 +12,7 @@ from onnxopt.streaming import (
     AttentionSite,
     NotStreamable,
     Relative,
+    RelShift,
     Rewrite,
     Site,
     StreamPassBase,
@@ -163,6 +164,11 @@ def _rewrite(site: Site, rw: Rewrite) -> None:
             tag = f"{mask_node.name}/masked_bias"
             mask = rw.op("Add", [mask_node.inputs[slot], mask], before=mask_node, name=tag)
         mask_node.replace_input_with(slot, mask)
+    for shift in rw.an.rel_shifts.values():
+        if shift.scores is None:
+            raise NotStreamable(shift.matmul, "makes relative scores not added to attention")
+        if shift.scores is node:
+            _stream_rel_shift(rw, node, keys, k_in, key_axis, shift)
     context = "unlimited (the cache grows)" if frames is None else f"{frames} frames"
     rw.count("attention-cache", f"{node.name}: key/value caches, left context {context}")
 
@@ -245,12 +251,7 @@ def _stream_positions(
     def op(op_type: str, inputs: list, attrs: dict | None = None, tag: str = "") -> ir.Value:
         return rw.op(op_type, inputs, attrs, before=node, name=f"stream.mask/{tag or op_type}")
 
-    def scalar(value: ir.Value, tag: str) -> ir.Value:
-        length = op("Shape", [value], {"start": axis, "end": axis + 1}, tag=f"{tag}_shape")
-        return op("Squeeze", [length, rw.const(np.array([0], np.int64), "stream.mask/axis0")])
-
-    chunk = scalar(keys, "chunk")
-    past = scalar(k_in, "past")
+    chunk, past = _stream_lengths(rw, node, keys, k_in, axis)
     position = _position(rw, node, chunk, rate)
     one = rw.const(np.array(1, np.int64), "stream.mask/one")
     end = op("Add", [position, chunk], tag="end")
@@ -258,6 +259,91 @@ def _stream_positions(
     keys_from = op("Range", [op("Sub", [position, past], tag="start"), end, one], tag="keys")
     rw.shared[shared] = queries, keys_from
     return queries, keys_from
+
+
+def _stream_lengths(
+    rw: Rewrite, node: ir.Node, keys: ir.Value, k_in: ir.Value, axis: int
+) -> tuple[ir.Value, ir.Value]:
+    """Scalars: the chunk's frames C (of ``keys``) and the cached frames P (of ``k_in``)."""
+    shared = ("lengths", rw.an.info[keys].rate, k_in.shape[axis] if k_in.shape else None)
+    if shared in rw.shared:
+        return rw.shared[shared]
+
+    def scalar(value: ir.Value, tag: str) -> ir.Value:
+        attrs = {"start": axis, "end": axis + 1}
+        length = rw.op("Shape", [value], attrs, before=node, name=f"stream.mask/{tag}_shape")
+        axis0 = rw.const(np.array([0], np.int64), "stream.mask/axis0")
+        return rw.op("Squeeze", [length, axis0], before=node, name=f"stream.mask/{tag}")
+
+    rw.shared[shared] = scalar(keys, "chunk"), scalar(k_in, "past")
+    return rw.shared[shared]
+
+
+def _stream_rel_shift(
+    rw: Rewrite, node: ir.Node, keys: ir.Value, k_in: ir.Value, axis: int, shift: RelShift
+) -> None:
+    """Distances ``K-1..1-C`` for the chunk's C queries and K keys; the shift as a gather.
+
+    Column r of ``(q + v) @ P^T`` is distance ``K-1-r``; query i' and key j' (of the cache
+    then the chunk) are ``i' + P - j'`` apart, so their score is column ``C-1-i'+j'``.
+    """
+    _check_shift(rw, shift)
+    chunk, past = _stream_lengths(rw, node, keys, k_in, axis)
+
+    def op(op_type: str, inputs: list, attrs: dict | None = None, tag: str = "") -> ir.Value:
+        name = f"{shift.matmul.name}/stream/{tag or op_type}"
+        return rw.op(op_type, inputs, attrs, before=node, name=name)
+
+    one = rw.const(np.array(1, np.int64), "stream.mask/one")
+    total = op("Add", [past, chunk], tag="keys")
+    cache = k_in.shape[axis] if k_in.shape else None
+    for source in shift.ranges:
+        if rw.shared.setdefault(("distances", source), cache) != cache:
+            raise NotStreamable(source, "feeds distance embeddings of attentions with other caches")
+        if source.inputs[1] is not None and source.inputs[1].name.endswith("/stream/limit"):
+            continue  # shared by an earlier attention with the same caches
+        dtype = source.outputs[0].dtype or ir.DataType.INT64
+        start = op("Cast", [op("Sub", [total, one], tag="far")], {"to": dtype}, tag="start")
+        limit = op("Cast", [op("Neg", [chunk], tag="near")], {"to": dtype}, tag="limit")
+        source.replace_input_with(0, start)
+        source.replace_input_with(1, limit)
+    zero = rw.const(np.array(0, np.int64), "stream.mask/zero")
+    rows = op("Sub", [op("Sub", [chunk, one], tag="last"), op("Range", [zero, chunk, one])])
+    cols = op("Range", [zero, total, one], tag="cols")
+    index = op(
+        "Add",
+        [
+            op("Unsqueeze", [rows, rw.const(np.array([1], np.int64), "stream.mask/axis1")]),
+            op("Unsqueeze", [cols, rw.const(np.array([0], np.int64), "stream.mask/axis0")]),
+        ],
+        tag="index",
+    )
+    lead = op("Shape", [shift.start], {"end": -1}, tag="lead")
+    width = op("Reshape", [total, rw.const(np.array([1], np.int64), "stream.vector_shape")])
+    index = op("Expand", [index, op("Concat", [lead, width], {"axis": 0})], tag="index_all")
+    rank = len(shift.start.shape) if shift.start.shape is not None else 4
+    shifted = op("GatherElements", [shift.start, index], {"axis": rank - 1}, tag="shifted")
+    ir.convenience.replace_all_uses_with(shift.end, shifted)
+    rw.count("relative-shift", f"{shift.matmul.name}: distances K-1..1-C, shift as a gather")
+
+
+def _check_shift(rw: Rewrite, shift: RelShift) -> None:
+    """The probes show distances ``T-1..1-T`` and the Transformer-XL shift on the causal part."""
+    for run in (0, 1):
+        x = rw.probes.value(shift.start, run)
+        y = rw.probes.value(shift.end, run)
+        frames = x.shape[-2]
+        for source in shift.ranges:
+            got = rw.probes.value(source.outputs[0], run)
+            if not np.array_equal(got, np.arange(frames - 1, -frames, -1, dtype=got.dtype)):
+                raise NotStreamable(source, "gives positions other than distances T-1..1-T")
+        i, j = np.tril_indices(frames)
+        shifted = x.shape[-1] == 2 * frames - 1 and y.shape[-2:] == (frames, frames)
+        if not shifted or not np.array_equal(y[..., i, j], x[..., i, frames - 1 - i + j]):
+            reason = "is followed by a relative shift that is not Transformer-XL's rel_shift"
+            raise NotStreamable(shift.matmul, reason)
+    if not shift.ranges:
+        raise NotStreamable(shift.matmul, "uses distance embeddings not made by a Range")
 
 
 def _stream_bias(

@@ -317,16 +317,84 @@ def test_a_relative_bias_without_a_causal_mask_is_refused(rng) -> None:
         StreamAttentionPass()(model)
 
 
-def test_transformer_xl_relative_distances_are_refused(rng) -> None:
-    """Embeddings of distances T-1..1-T (Range(T-1, -T, -1)) feed a rel_shift: refused by name."""
-    g = Graph(rng)
-    t = g.op("Squeeze", _length(g, "x"), g.const([0]))
+def _distance_embedding(g: Graph, x: str) -> str:
+    """Sinusoids of distances T-1..1-T (Range(T-1, -T, -1)), projected per head: [H, dh, 2T-1]."""
+    t = g.op("Squeeze", _length(g, x), g.const([0]))
     start = g.op("Cast", g.op("Sub", t, g.const(np.array(1))), to=1)
     dist = g.op("Range", start, g.op("Cast", g.op("Neg", t), to=1), g.const(np.float32(-1)))
-    pe = g.op("Sin", g.op("Mul", g.op("Unsqueeze", dist, g.const([1])), g.weight(1, D)))
+    freq = g.const((10000.0 ** -(np.arange(D // 2) / (D // 2))).astype(np.float32))
+    angles = g.op("Mul", g.op("Unsqueeze", dist, g.const([1])), freq)
+    pe = g.op("Concat", g.op("Sin", angles), g.op("Cos", angles), axis=-1)
     p = g.op("MatMul", pe, g.weight(D, D), name="linear_pos")
-    model = g.model(g.op("Add", _attention(g, "x", _additive_tril(g, "x")), g.op("ReduceSum", p)))
-    with pytest.raises(UnsupportedModelError, match=r"'linear_pos' \(MatMul\) projects positions"):
+    return g.op("Transpose", g.op("Reshape", p, g.const([-1, HEADS, D // HEADS])), perm=[1, 2, 0])
+
+
+def _rel_shift(g: Graph, bd: str, proper: bool = True) -> str:
+    """[B, H, T, 2T-1] -> [B, H, T, T]: pad a zero column, view [B, H, 2T, T], drop a row,
+    view back, keep T columns (Transformer-XL). Not ``proper``: just the first T columns."""
+    shape = g.op("Shape", bd)
+    lead, t = g.op("Slice", shape, g.const([0]), g.const([2])), g.op("Gather", shape, g.const([2]))
+    if proper:
+        padded = g.op("Pad", bd, g.const([0, 0, 0, 1, 0, 0, 0, 0]))
+        wide = g.op("Gather", g.op("Shape", padded), g.const([3]))
+        rows = g.op("Reshape", padded, g.op("Concat", lead, wide, t, axis=0))
+        rows = g.op("Slice", rows, g.const([1]), g.const([np.iinfo(np.int64).max]), g.const([2]))
+        bd = g.op(
+            "Reshape", rows, g.op("Concat", lead, t, g.op("Gather", shape, g.const([3])), axis=0)
+        )
+    return g.op("Slice", bd, g.const([0]), t, g.const([3]), name="keep_t")
+
+
+def _xl_attention(g: Graph, x: str, mask: str, kind: str = "add", proper: bool = True) -> str:
+    """scores = ((q + u) K^T + rel_shift((q + v) P^T)) / sqrt(dh) + mask (Transformer-XL)."""
+    dh = D // HEADS
+    heads = g.const([0, 0, HEADS, dh])
+    q, k, v = (g.op("Reshape", g.op("MatMul", x, g.weight(D, D)), heads) for _ in range(3))
+    kt = g.op("Transpose", k, perm=[0, 2, 3, 1])
+    v = g.op("Transpose", v, perm=[0, 2, 1, 3])
+    qu = g.op("Transpose", g.op("Add", q, g.weight(HEADS, dh)), perm=[0, 2, 1, 3])
+    qv = g.op("Transpose", g.op("Add", q, g.weight(HEADS, dh)), perm=[0, 2, 1, 3])
+    ac = g.op("MatMul", qu, kt, name="attn/scores")
+    bd = g.op("MatMul", qv, _distance_embedding(g, x), name="attn/relative")
+    scores = g.op("Mul", g.op("Add", ac, _rel_shift(g, bd, proper)), g.const(np.float32(dh**-0.5)))
+    if kind == "add":
+        scores = g.op("Add", scores, mask, name="attn/mask")
+    else:
+        scores = g.op("Where", mask, scores, g.const(np.float32(-np.inf)), name="attn/mask")
+    out = g.op("MatMul", g.op("Softmax", scores, axis=-1), v)
+    out = g.op("Transpose", out, perm=[0, 2, 1, 3])
+    return g.op("MatMul", g.op("Reshape", out, g.const([0, 0, D])), g.weight(D, D))
+
+
+@pytest.mark.parametrize("band", [None, 5])
+def test_transformer_xl_relative_attention_streams(rng, band) -> None:
+    """Distances K-1..1-C for a chunk of C queries and K keys; the shift becomes a gather."""
+    g = Graph(rng)
+    if band is None:
+        model = g.model(_xl_attention(g, "x", _additive_tril(g, "x")))
+    else:
+        model = g.model(_xl_attention(g, "x", _band_condition(g, "x", band), kind="where"))
+    result, entry = _streamed(model, StreamPass(chunk=4))
+    assert entry.counts == {"attention-cache": 1, "relative-shift": 1}
+    k_in = next(s for s in StreamSpec.read(result).states if s.input.endswith("k_in"))
+    assert k_in.grow_axis == (3 if band is None else None)
+    assert offline_difference(model, result, _x(rng, 37), chunks=[1, 4, 7, 37]) < 1e-5
+
+
+def test_a_shift_other_than_transformer_xl_is_refused(rng) -> None:
+    g = Graph(rng)
+    model = g.model(_xl_attention(g, "x", _additive_tril(g, "x"), proper=False))
+    with pytest.raises(UnsupportedModelError, match=r"'attn/relative' .*not Transformer-XL"):
+        StreamAttentionPass()(model)
+
+
+def test_distances_from_a_length_other_than_t_are_refused(rng) -> None:
+    """Range(T-1, -T, -1) probes as distances; Range(T+1, -T, -1) is refused by name."""
+    g = Graph(rng)
+    model = g.model(_xl_attention(g, "x", _additive_tril(g, "x")))
+    sub = next(n for n in model.graph if n.op_type == "Sub" and n.inputs[1].const_value is not None)
+    sub.inputs[1].const_value = ir.tensor(np.array(-1))
+    with pytest.raises(UnsupportedModelError, match=r"\(Range\) gives positions other than"):
         StreamAttentionPass()(model)
 
 
