@@ -547,6 +547,8 @@ class Analysis:
         node = value.producer()
         if isinstance(info, Timed) and info.key_axis is not None and node is not None:
             raise NotStreamable(node, "outputs attention weights, which have no fixed size")
+        if isinstance(info, Timed) and info.distance and node is not None:
+            raise NotStreamable(node, "outputs values over relative distances")
         if isinstance(info, (Length, Positions)) and node is not None:
             raise NotStreamable(node, f"outputs '{value.name}', computed from the input length")
 
@@ -1164,6 +1166,11 @@ def _slice(node: ir.Node, an: Analysis) -> list[Info | None]:
             axis = _norm(static_ints(node.inputs[3])[0], rank) if len(node.inputs) > 3 else 0
             an.sites.append(Site("positions", node))
             return [Timed(axis, rank, _frame_count(an.of(node.inputs[2])) or 1, absolute=True)]
+        if info is None and _is_distance_cut(node, an):
+            an.distance_ranges.add(node)  # table[c-T+1 : c+T], probed when a rel_shift uses it
+            an.probes.update([node.outputs[0], node.inputs[1]])
+            rank = an.rank(node.inputs[0]) or 1
+            return [Timed(_norm(static_ints(node.inputs[3])[0], rank), rank, distance=True)]
         if info is None or isinstance(info, Positions) or getattr(info, "absolute", False):
             return [Positions()]  # a fixed table cut to the length: absolute positions
         raise NotStreamable(node, "slices by the input length")
@@ -1192,6 +1199,18 @@ def _is_table_cut(node: ir.Node, an: Analysis) -> bool:
         starts == [0]
         and _frame_count(an.of(inputs[2])) is not None
         and (inputs[3] is None or (axes is not None and len(axes) == 1))
+        and (inputs[4] is None or steps == [1])
+    )
+
+
+def _is_distance_cut(node: ir.Node, an: Analysis) -> bool:
+    """``table[a:b]`` along one constant axis, both bounds computed from the length."""
+    inputs = list(node.inputs) + [None] * 3
+    axes, steps = static_ints(inputs[3]), static_ints(inputs[4])
+    return (
+        all(isinstance(an.of(v), Length) for v in inputs[1:3])
+        and axes is not None
+        and len(axes) == 1
         and (inputs[4] is None or steps == [1])
     )
 
@@ -1402,7 +1421,7 @@ def _rel_shift(node: ir.Node, an: Analysis, q: Timed, p: Timed, rank: int) -> Ti
 
 
 def _distance_sources(value: ir.Value, an: Analysis) -> list[ir.Node]:
-    """The ``Range(T-1, -T, -1)`` nodes a distance embedding is computed from."""
+    """The ``Range(T-1, -T, -1)`` and ``table[c-T+1 : c+T]`` nodes of a distance embedding."""
     found, stack, seen = [], [value], set()
     while stack:
         node = stack.pop().producer()

@@ -300,13 +300,23 @@ def _stream_rel_shift(
     for source in shift.ranges:
         if rw.shared.setdefault(("distances", source), cache) != cache:
             raise NotStreamable(source, "feeds distance embeddings of attentions with other caches")
-        if source.inputs[1] is not None and source.inputs[1].name.endswith("/stream/limit"):
+        if ("distances-done", source) in rw.shared:
             continue  # shared by an earlier attention with the same caches
-        dtype = source.outputs[0].dtype or ir.DataType.INT64
-        start = op("Cast", [op("Sub", [total, one], tag="far")], {"to": dtype}, tag="start")
-        limit = op("Cast", [op("Neg", [chunk], tag="near")], {"to": dtype}, tag="limit")
-        source.replace_input_with(0, start)
-        source.replace_input_with(1, limit)
+        rw.shared[("distances-done", source)] = True
+        if source.op_type == "Range":
+            dtype = source.outputs[0].dtype or ir.DataType.INT64
+            start = op("Cast", [op("Sub", [total, one], tag="far")], {"to": dtype}, tag="start")
+            limit = op("Cast", [op("Neg", [chunk], tag="near")], {"to": dtype}, tag="limit")
+        else:  # table[c-K+1 : c+C]
+            center = _center(rw, source)
+            vector = rw.const(np.array([1], np.int64), "stream.vector_shape")
+            first = rw.const(np.array(center + 1, np.int64), f"{source.name}/center_next")
+            last = rw.const(np.array(center, np.int64), f"{source.name}/center")
+            start = op("Reshape", [op("Sub", [first, total], tag="far"), vector], tag="start")
+            limit = op("Reshape", [op("Add", [last, chunk], tag="near"), vector], tag="limit")
+        at = 0 if source.op_type == "Range" else 1
+        source.replace_input_with(at, start)
+        source.replace_input_with(at + 1, limit)
     zero = rw.const(np.array(0, np.int64), "stream.mask/zero")
     rows = op("Sub", [op("Sub", [chunk, one], tag="last"), op("Range", [zero, chunk, one])])
     cols = op("Range", [zero, total, one], tag="cols")
@@ -327,6 +337,22 @@ def _stream_rel_shift(
     rw.count("relative-shift", f"{shift.matmul.name}: distances K-1..1-C, shift as a gather")
 
 
+def _center(rw: Rewrite, source: ir.Node) -> int:
+    """The row c of distance 0 in a table cut to ``table[c-T+1 : c+T]`` (the same each run)."""
+    centers = set()
+    for run in (0, 1):
+        start = int(np.ravel(rw.probes.value(source.inputs[1], run))[0])
+        length = rw.probes.value(source.outputs[0], run).shape
+        axis = int(np.ravel(rw.probes.value(source.inputs[3]))[0])
+        frames = (length[axis] + 1) // 2
+        if length[axis] != 2 * frames - 1 or start < 0:
+            raise NotStreamable(source, "cuts a table to other than 2T-1 distances")
+        centers.add(start + frames - 1)
+    if len(centers) != 1:
+        raise NotStreamable(source, "cuts a table to distances not centred on a fixed row")
+    return centers.pop()
+
+
 def _check_shift(rw: Rewrite, shift: RelShift) -> None:
     """The probes show distances ``T-1..1-T`` and the Transformer-XL shift on the causal part."""
     for run in (0, 1):
@@ -334,6 +360,9 @@ def _check_shift(rw: Rewrite, shift: RelShift) -> None:
         y = rw.probes.value(shift.end, run)
         frames = x.shape[-2]
         for source in shift.ranges:
+            if source.op_type == "Slice":
+                _center(rw, source)
+                continue
             got = rw.probes.value(source.outputs[0], run)
             if not np.array_equal(got, np.arange(frames - 1, -frames, -1, dtype=got.dtype)):
                 raise NotStreamable(source, "gives positions other than distances T-1..1-T")

@@ -317,14 +317,23 @@ def test_a_relative_bias_without_a_causal_mask_is_refused(rng) -> None:
         StreamAttentionPass()(model)
 
 
-def _distance_embedding(g: Graph, x: str) -> str:
-    """Sinusoids of distances T-1..1-T (Range(T-1, -T, -1)), projected per head: [H, dh, 2T-1]."""
+def _distance_embedding(g: Graph, x: str, table: bool = False) -> str:
+    """Sinusoids of distances T-1..1-T (Range(T-1, -T, -1)), projected per head: [H, dh, 2T-1].
+
+    ``table``: rows c-T+1..c+T-1 of a table of 2c+1 distances (wav2vec2-conformer's cut).
+    """
     t = g.op("Squeeze", _length(g, x), g.const([0]))
-    start = g.op("Cast", g.op("Sub", t, g.const(np.array(1))), to=1)
-    dist = g.op("Range", start, g.op("Cast", g.op("Neg", t), to=1), g.const(np.float32(-1)))
-    freq = g.const((10000.0 ** -(np.arange(D // 2) / (D // 2))).astype(np.float32))
-    angles = g.op("Mul", g.op("Unsqueeze", dist, g.const([1])), freq)
-    pe = g.op("Concat", g.op("Sin", angles), g.op("Cos", angles), axis=-1)
+    if table:
+        pe = g.const(g.rng.standard_normal((2 * TMAX - 1, D)).astype(np.float32))
+        start = g.op("Sub", g.const([TMAX]), _length(g, x))
+        end = g.op("Add", g.const([TMAX - 1]), _length(g, x))
+        pe = g.op("Slice", pe, start, end, g.const([0]), name="pe_cut")
+    else:
+        start = g.op("Cast", g.op("Sub", t, g.const(np.array(1))), to=1)
+        dist = g.op("Range", start, g.op("Cast", g.op("Neg", t), to=1), g.const(np.float32(-1)))
+        freq = g.const((10000.0 ** -(np.arange(D // 2) / (D // 2))).astype(np.float32))
+        angles = g.op("Mul", g.op("Unsqueeze", dist, g.const([1])), freq)
+        pe = g.op("Concat", g.op("Sin", angles), g.op("Cos", angles), axis=-1)
     p = g.op("MatMul", pe, g.weight(D, D), name="linear_pos")
     return g.op("Transpose", g.op("Reshape", p, g.const([-1, HEADS, D // HEADS])), perm=[1, 2, 0])
 
@@ -345,7 +354,9 @@ def _rel_shift(g: Graph, bd: str, proper: bool = True) -> str:
     return g.op("Slice", bd, g.const([0]), t, g.const([3]), name="keep_t")
 
 
-def _xl_attention(g: Graph, x: str, mask: str, kind: str = "add", proper: bool = True) -> str:
+def _xl_attention(
+    g: Graph, x: str, mask: str, kind: str = "add", proper: bool = True, table: bool = False
+) -> str:
     """scores = ((q + u) K^T + rel_shift((q + v) P^T)) / sqrt(dh) + mask (Transformer-XL)."""
     dh = D // HEADS
     heads = g.const([0, 0, HEADS, dh])
@@ -355,7 +366,7 @@ def _xl_attention(g: Graph, x: str, mask: str, kind: str = "add", proper: bool =
     qu = g.op("Transpose", g.op("Add", q, g.weight(HEADS, dh)), perm=[0, 2, 1, 3])
     qv = g.op("Transpose", g.op("Add", q, g.weight(HEADS, dh)), perm=[0, 2, 1, 3])
     ac = g.op("MatMul", qu, kt, name="attn/scores")
-    bd = g.op("MatMul", qv, _distance_embedding(g, x), name="attn/relative")
+    bd = g.op("MatMul", qv, _distance_embedding(g, x, table), name="attn/relative")
     scores = g.op("Mul", g.op("Add", ac, _rel_shift(g, bd, proper)), g.const(np.float32(dh**-0.5)))
     if kind == "add":
         scores = g.op("Add", scores, mask, name="attn/mask")
@@ -366,14 +377,15 @@ def _xl_attention(g: Graph, x: str, mask: str, kind: str = "add", proper: bool =
     return g.op("MatMul", g.op("Reshape", out, g.const([0, 0, D])), g.weight(D, D))
 
 
-@pytest.mark.parametrize("band", [None, 5])
-def test_transformer_xl_relative_attention_streams(rng, band) -> None:
+@pytest.mark.parametrize(("band", "table"), [(None, False), (5, False), (None, True), (5, True)])
+def test_transformer_xl_relative_attention_streams(rng, band, table) -> None:
     """Distances K-1..1-C for a chunk of C queries and K keys; the shift becomes a gather."""
     g = Graph(rng)
     if band is None:
-        model = g.model(_xl_attention(g, "x", _additive_tril(g, "x")))
+        model = g.model(_xl_attention(g, "x", _additive_tril(g, "x"), table=table))
     else:
-        model = g.model(_xl_attention(g, "x", _band_condition(g, "x", band), kind="where"))
+        mask = _band_condition(g, "x", band)
+        model = g.model(_xl_attention(g, "x", mask, kind="where", table=table))
     result, entry = _streamed(model, StreamPass(chunk=4))
     assert entry.counts == {"attention-cache": 1, "relative-shift": 1}
     k_in = next(s for s in StreamSpec.read(result).states if s.input.endswith("k_in"))
