@@ -1338,9 +1338,9 @@ def _global_pool(node: ir.Node, an: Analysis) -> list[Info | None]:
 
 
 POSITIONS_REASON = (
-    "projects positions that are not frame positions counted from 0 (relative distances "
-    "T-1..1-T for a Transformer-XL rel_shift?): only Range(0, T), table[0:T] and grids of "
-    "them (i - j) are streamed"
+    "projects positions that are neither frame positions counted from 0 nor the distances "
+    "T-1..1-T of a Transformer-XL rel_shift: only Range(0, T), table[0:T], grids of them "
+    "(i - j), Range(T-1, -T, -1) and table[c-T+1 : c+T] are streamed"
 )
 
 

@@ -507,9 +507,12 @@ class StreamAttentionPass(StreamPassBase):
       4. ``relative-position``: a bias added to the scores computed from a grid of positions
          (``Range(0, T)`` as queries x keys, ``table[f(i - j)]``) is fed the positions of the
          chunk's queries and of the cached and new keys; a bias holding -inf also masks.
-      5. Attention with no mask (a position bias alone is none), or a mask letting a frame see
-         later frames, reads the future and is refused by name; so are positions that do not
-         count from frame 0 (Transformer-XL distance embeddings).
+      5. ``relative-shift``: Transformer-XL scores ``rel_shift((q + v) @ P^T)``, P embedding
+         the distances ``T-1..1-T`` (``Range(T-1, -T, -1)`` or ``pe[c-T+1 : c+T]``), get the
+         distances ``K-1..1-C`` of the chunk's C queries over K keys; the pad/reshape/slice
+         shift becomes a ``GatherElements`` (probes check both are what they seem).
+      6. Attention with no mask (a position bias alone is none), or a mask letting a frame see
+         later frames, reads the future and is refused by name; so are other positions.
     Fused attention (``Attention``-23, ``MultiHeadAttention``) is decomposed first (every
     stream pass does this; rule ``decompose-attention``).
 

@@ -474,3 +474,15 @@ def test_fused_then_streamed_in_one_pipeline(rng, opset) -> None:
     assert entries["stream"].status == "ok", entries["stream"].reason
     assert entries["stream"].counts == {"attention-cache": 1, "decompose-attention": 1}
     assert offline_difference(model, result, _x(rng, 27), chunks=[1, 4, 7]) < 1e-5
+
+
+def test_positions_counted_from_one_are_refused(rng) -> None:
+    """Range(1, T + 1) is neither positions from 0 nor distances: refused where projected."""
+    g = Graph(rng)
+    t = g.op("Squeeze", _length(g, "x"), g.const([0]))
+    end = g.op("Add", t, g.const(np.array(1)))
+    pos = g.op("Cast", g.op("Range", g.const(np.array(1)), end, g.const(np.array(1))), to=1)
+    emb = g.op("MatMul", g.op("Unsqueeze", pos, g.const([1])), g.weight(1, D), name="proj")
+    model = g.model(_block(g, g.op("Add", "x", emb), _additive_tril(g, "x")))
+    with pytest.raises(UnsupportedModelError, match=r"'proj' \(MatMul\) projects positions"):
+        StreamAttentionPass()(model)
