@@ -147,7 +147,28 @@ def with_options(options: list[Callable]) -> Callable:
     return decorate
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OnnxoptGroup(click.Group):
+    """The command group; click's own usage errors also print as one ``error:`` line (exit 2)."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            result = super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as err:
+            click.echo(err.ctx.get_help() if err.ctx else err.format_message(), err=True)
+            sys.exit(err.exit_code)
+        except click.ClickException as err:
+            ctx = getattr(err, "ctx", None)
+            hint = f" (see '{ctx.command_path} -h')" if ctx is not None else ""
+            click.echo(f"error: {err.format_message()}{hint}", err=True)
+            sys.exit(err.exit_code)
+        except click.exceptions.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+@click.group(cls=OnnxoptGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(onnxopt.__version__, prog_name="onnxopt")
 @click.option("--debug", is_flag=True, help="Show tracebacks of internal errors.")
 def cli(debug: bool) -> None:
@@ -449,7 +470,7 @@ def verify(
     if as_json:
         click.echo(json.dumps({"tolerance": tol.describe(), **metrics.as_dict()}, indent=2))
     else:
-        verdict = "same" if metrics.passed else "DIFFERENT"
+        verdict = render.status_word("same" if metrics.passed else "DIFFERENT", render.use_color())
         click.echo(
             f"{verdict} ({tol.describe()}): max abs {metrics.max_abs:.3g}, "
             f"rel L2 {metrics.rel_l2:.3g}, cosine {metrics.cosine:.6f}, SNR {metrics.snr_db:.1f} dB"

@@ -46,7 +46,7 @@ def status_word(word: str, color: bool, width: int = 0) -> str:
     if not color or (key not in STATUS_COLORS and key not in ("different", "same")):
         return padded
     fg = STATUS_COLORS.get(key, "red" if key == "different" else "green")
-    return click.style(word, fg=fg, bold=fg == "red") + padded[len(word) :]
+    return click.style(word, fg=fg, bold=True if fg == "red" else None) + padded[len(word) :]
 
 
 def human_bytes(n: float) -> str:

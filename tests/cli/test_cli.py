@@ -424,3 +424,162 @@ def test_dim_with_a_given_golden_set_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "out.onnx"
     result = invoke("run", WHISPER, "-o", out, "--golden", WHISPER_GOLDEN, "--dim", "frames=9")
     assert result.exit_code == 2 and "--dim" in result.stderr and not out.exists()
+
+
+# --- pre-deploy gate, JSON on stdout, quiet/verbose, color, completion (issue 7) -----------
+
+
+def on_tty(args: list, stream: str = "stdout", env: dict | None = None) -> tuple[int, str, str]:
+    """Run the console script with one stream on a pseudo-terminal; (code, tty text, other)."""
+    import pty
+    import tempfile
+
+    master, slave = pty.openpty()
+    with tempfile.TemporaryFile() as other:
+        streams = {"stdout": other, "stderr": other, stream: slave}
+        proc = subprocess.Popen([str(ONNXOPT), *map(str, args)], env=env, **streams)
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # the other side closed
+                break
+            if not data:
+                break
+            chunks.append(data)
+        code = proc.wait(timeout=300)
+        os.close(master)
+        other.seek(0)
+        return code, b"".join(chunks).decode(), other.read().decode()
+
+
+def gate_script() -> str:
+    text = (Path(__file__).parents[2] / "docs" / "ci.md").read_text()
+    return text.split("```sh\n#!/bin/sh\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.parametrize(
+    ("target", "passes", "code", "expected"),
+    [
+        ("ort-cpu", "cleanup", 0, "gate passed"),
+        ("onnx-13", "cleanup", 3, "onnx-13 cannot run LayerNormalization (5 nodes)"),
+        ("ort-cpu", "cleanup,scale-weight", 3, "pass scale-weight failed:"),
+    ],
+)
+def test_the_documented_ci_gate_fails_the_build(
+    tmp_path: Path, plugin: Path, target: str, passes: str, code: int, expected: str
+) -> None:
+    (tmp_path / "gate.sh").write_text(gate_script())
+    (tmp_path / "pipeline.json").write_text(
+        json.dumps({"passes": passes, "plugins": [str(plugin)], "golden": str(WHISPER_GOLDEN)})
+    )
+    env = {**BIN_ENV, "MODEL": str(WHISPER), "CONFIG": "pipeline.json", "TARGET": target}
+    result = subprocess.run(
+        ["sh", "gate.sh"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == code, result.stdout + result.stderr
+    assert expected in result.stdout + result.stderr
+    report = json.loads((tmp_path / "build" / "report.json").read_text())
+    assert report["pipeline"] == passes
+
+
+def test_keep_going_gate_reads_ok_from_the_report(tmp_path: Path, plugin: Path) -> None:
+    (tmp_path / "gate.sh").write_text(gate_script())
+    config = {"passes": "scale-weight", "plugins": [str(plugin)], "keep-going": True}
+    (tmp_path / "p.json").write_text(json.dumps(config))
+    env = {**BIN_ENV, "MODEL": str(WHISPER), "CONFIG": "p.json"}
+    result = subprocess.run(
+        ["sh", "gate.sh"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "pass scale-weight failed" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", WHISPER, "-o", "{tmp}/o.onnx", "--passes", "cleanup", "--json", "--verbose"],
+        ["run", WHISPER, "-o", "{tmp}/o.onnx", "--passes", "scale-weight", "--json"],
+        ["check", WHISPER, "--target", "onnx-13", "--json"],
+        ["inspect", WHISPER, "--json"],
+        ["passes", "--json"],
+        ["bench", WHISPER, WHISPER, "--runs", "2", "--warmup", "0", "--json"],
+    ],
+)
+def test_json_stdout_is_only_json_even_with_a_terminal(
+    tmp_path: Path, plugin: Path, args: list
+) -> None:
+    args = [str(a).replace("{tmp}", str(tmp_path)) for a in args] + ["--plugin", str(plugin)]
+    if args[0] in ("check", "inspect", "bench"):
+        args = args[:-2]
+    out = tmp_path / "stdout"
+    with out.open("w") as stdout:
+        import pty
+
+        master, slave = pty.openpty()  # stderr is a terminal: progress would show if allowed
+        code = subprocess.run(
+            [str(ONNXOPT), *args], stdout=stdout, stderr=slave, timeout=300
+        ).returncode
+        os.close(slave)
+        os.close(master)
+    assert code in (0, 3)
+    assert isinstance(json.loads(out.read_text()), dict)
+
+
+def test_quiet_prints_only_failures_and_the_wrote_line(tmp_path: Path, plugin: Path) -> None:
+    out = tmp_path / "o.onnx"
+    result = invoke("run", WHISPER, "-o", out, "--passes", "cleanup", "--quiet")
+    assert result.exit_code == 0 and result.stdout == f"wrote {out}\n" and not result.stderr
+    result = invoke(
+        *("run", WHISPER, "-o", out, "--plugin", plugin, "--passes", "scale-weight", "-q")
+    )
+    assert result.exit_code == 3
+    assert result.stdout.startswith("scale-weight failed") and "pass " not in result.stdout
+    result = invoke("run", WHISPER, "-o", out, "-q", "--verbose")
+    assert result.exit_code == 2 and "--quiet cannot be combined" in result.stderr
+
+
+def test_verbose_adds_misses_progress_and_timings(tmp_path: Path) -> None:
+    out = tmp_path / "o.onnx"
+    args = ["run", WHISPER, "-o", out, "--passes", "fuse-bias", "--golden", WHISPER_GOLDEN]
+    plain, verbose = invoke(*args), invoke(*args, "--verbose")
+    assert plain.exit_code == verbose.exit_code == 0
+    misses = [line for line in verbose.stdout.splitlines() if "not fused at node" in line]
+    assert misses and not any(line in plain.stdout for line in misses)
+    assert "time: " in verbose.stdout and "time: " not in plain.stdout
+    assert "running [1/1] fuse-bias" in verbose.stderr  # even though stderr is no terminal
+
+
+def test_status_words_are_colored_only_on_a_terminal_without_no_color(tmp_path: Path) -> None:
+    args = ["run", WHISPER, "-o", tmp_path / "o.onnx", "--passes", "cleanup"]
+    green = "\x1b[32mok"
+    code, text, _ = on_tty(args)
+    assert code == 0 and green in text
+    code, text, _ = on_tty(args, env={**os.environ, "NO_COLOR": "1"})
+    assert code == 0 and "\x1b[" not in text and " ok " in text
+    piped = onnxopt_cli(*args)
+    assert piped.returncode == 0 and "\x1b[" not in piped.stdout
+
+
+def test_shell_completion_as_documented() -> None:
+    assert (
+        "_ONNXOPT_COMPLETE=bash_source onnxopt"
+        in (Path(__file__).parents[2] / "docs" / "cli.md").read_text()
+    )
+    env = {**os.environ, "_ONNXOPT_COMPLETE": "bash_source"}
+    script = subprocess.run([str(ONNXOPT)], env=env, capture_output=True, text=True, timeout=60)
+    assert script.returncode == 0 and "complete -o nosort -F" in script.stdout
+    env = {**os.environ, "_ONNXOPT_COMPLETE": "bash_complete", "COMP_WORDS": "onnxopt be"}
+    words = subprocess.run(
+        [str(ONNXOPT)], env={**env, "COMP_CWORD": "1"}, capture_output=True, text=True, timeout=60
+    )
+    assert "bench" in words.stdout
+
+
+def test_click_usage_errors_are_one_line_too(tmp_path: Path) -> None:
+    for args in (["run"], ["bench", WHISPER, "--runs", "x"], ["nope"]):
+        result = onnxopt_cli(*args)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
