@@ -763,7 +763,8 @@ def _grid(node: ir.Node, an: Analysis, a: tuple[int, Timed], b: tuple[int, Timed
 
 def _merge_timed(a: Timed, b: Timed, node: ir.Node | None = None, an: Analysis | None = None):
     scores = a.scores or b.scores
-    if a.scores is not None and b.scores is not None and a.scores is not b.scores:
+    differ = a.scores is not None and b.scores is not None and a.scores is not b.scores
+    if differ and a.key_axis is not None:  # scores added to scores
         scores = _link_shift(node, an, a.scores, b.scores)
     return dataclasses.replace(
         a,

@@ -216,7 +216,7 @@ def _stream_mask(
 ) -> ir.Value:
     """A mask for queries ``pos..pos+C-1`` over cached and new keys ``pos-P..pos+C-1``."""
     rate = rw.an.info[keys].rate
-    shared = ("mask", rate, band, kind, k_in.shape[axis] if k_in.shape else None)
+    shared = ("mask", rate, band, kind, _cache_size(k_in, axis))
     if shared in rw.shared:
         return rw.shared[shared]
 
@@ -244,7 +244,7 @@ def _stream_positions(
 ) -> tuple[ir.Value, ir.Value]:
     """Positions ``pos..pos+C-1`` of the chunk's queries and ``pos-P..pos+C-1`` of its keys."""
     rate = rw.an.info[keys].rate
-    shared = ("positions", rate, k_in.shape[axis] if k_in.shape else None)
+    shared = ("positions", rate, _cache_size(k_in, axis))
     if shared in rw.shared:
         return rw.shared[shared]
 
@@ -261,11 +261,17 @@ def _stream_positions(
     return queries, keys_from
 
 
+def _cache_size(k_in: ir.Value, axis: int) -> int | str:
+    """Frames in a cache: fixed, or ``grows`` (every growing cache holds all frames so far)."""
+    dim = k_in.shape[axis] if k_in.shape is not None else None
+    return dim if isinstance(dim, int) else "grows"
+
+
 def _stream_lengths(
     rw: Rewrite, node: ir.Node, keys: ir.Value, k_in: ir.Value, axis: int
 ) -> tuple[ir.Value, ir.Value]:
     """Scalars: the chunk's frames C (of ``keys``) and the cached frames P (of ``k_in``)."""
-    shared = ("lengths", rw.an.info[keys].rate, k_in.shape[axis] if k_in.shape else None)
+    shared = ("lengths", rw.an.info[keys].rate, _cache_size(k_in, axis))
     if shared in rw.shared:
         return rw.shared[shared]
 
@@ -296,7 +302,7 @@ def _stream_rel_shift(
 
     one = rw.const(np.array(1, np.int64), "stream.mask/one")
     total = op("Add", [past, chunk], tag="keys")
-    cache = k_in.shape[axis] if k_in.shape else None
+    cache = _cache_size(k_in, axis)
     for source in shift.ranges:
         if rw.shared.setdefault(("distances", source), cache) != cache:
             raise NotStreamable(source, "feeds distance embeddings of attentions with other caches")
@@ -339,6 +345,8 @@ def _stream_rel_shift(
 
 def _center(rw: Rewrite, source: ir.Node) -> int:
     """The row c of distance 0 in a table cut to ``table[c-T+1 : c+T]`` (the same each run)."""
+    if ("center", source) in rw.shared:
+        return rw.shared[("center", source)]
     centers = set()
     for run in (0, 1):
         start = int(np.ravel(rw.probes.value(source.inputs[1], run))[0])
@@ -350,7 +358,8 @@ def _center(rw: Rewrite, source: ir.Node) -> int:
         centers.add(start + frames - 1)
     if len(centers) != 1:
         raise NotStreamable(source, "cuts a table to distances not centred on a fixed row")
-    return centers.pop()
+    rw.shared[("center", source)] = centers.pop()
+    return rw.shared[("center", source)]
 
 
 def _check_shift(rw: Rewrite, shift: RelShift) -> None:
@@ -360,6 +369,8 @@ def _check_shift(rw: Rewrite, shift: RelShift) -> None:
         y = rw.probes.value(shift.end, run)
         frames = x.shape[-2]
         for source in shift.ranges:
+            if ("distances-done", source) in rw.shared:
+                continue  # checked and rewritten for an earlier attention
             if source.op_type == "Slice":
                 _center(rw, source)
                 continue
@@ -388,8 +399,8 @@ def _stream_bias(
     zero = rw.const(np.array(0, np.int64), "stream.mask/zero")
     keys_from = rw.op("Max", [keys_from, zero], before=node, name="stream.mask/keys_seen")
     for grid in _grids_under(rw, bias):
-        done = rw.shared.setdefault(("grid", grid), k_in.shape[axis] if k_in.shape else None)
-        if done != (k_in.shape[axis] if k_in.shape else None):
+        done = rw.shared.setdefault(("grid", grid), _cache_size(k_in, axis))
+        if done != _cache_size(k_in, axis):
             raise NotStreamable(grid, "feeds position biases of attentions with different caches")
         if ("grid-done", grid) in rw.shared:
             continue

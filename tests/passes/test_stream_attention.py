@@ -262,7 +262,7 @@ def _bias_table(g: Graph, rel: str, buckets: int = 16, op: str = "Gather") -> st
     return g.op("Unsqueeze", g.op("Transpose", looked, perm=[2, 0, 1]), g.const([0]))
 
 
-def _attention_with_bias(g: Graph, x: str, bias: str, mask: str | None) -> str:
+def _attention_with_bias(g: Graph, x: str, bias: str, mask: str | None, name: str = "attn") -> str:
     """_attention, with a position bias added to the scores before the (optional) mask."""
     dh = D // HEADS
     heads = g.const([0, 0, HEADS, dh])
@@ -270,11 +270,13 @@ def _attention_with_bias(g: Graph, x: str, bias: str, mask: str | None) -> str:
     q = g.op("Transpose", q, perm=[0, 2, 1, 3])
     kt = g.op("Transpose", k, perm=[0, 2, 3, 1])
     v = g.op("Transpose", v, perm=[0, 2, 1, 3])
-    scores = g.op("MatMul", q, kt, name="attn/scores")
-    scores = g.op("Add", g.op("Mul", scores, g.const(np.float32(dh**-0.5))), bias, name="attn/rel")
+    scores = g.op("MatMul", q, kt, name=f"{name}/scores")
+    scores = g.op(
+        "Add", g.op("Mul", scores, g.const(np.float32(dh**-0.5))), bias, name=f"{name}/rel"
+    )
     if mask is not None:
-        scores = g.op("Add", scores, mask, name="attn/mask")
-    probs = g.op("Softmax", scores, axis=-1, name="attn/softmax")
+        scores = g.op("Add", scores, mask, name=f"{name}/mask")
+    probs = g.op("Softmax", scores, axis=-1, name=f"{name}/softmax")
     out = g.op("Transpose", g.op("MatMul", probs, v), perm=[0, 2, 1, 3])
     return g.op("MatMul", g.op("Reshape", out, g.const([0, 0, D])), g.weight(D, D))
 
@@ -351,11 +353,18 @@ def _rel_shift(g: Graph, bd: str, proper: bool = True) -> str:
         bd = g.op(
             "Reshape", rows, g.op("Concat", lead, t, g.op("Gather", shape, g.const([3])), axis=0)
         )
-    return g.op("Slice", bd, g.const([0]), t, g.const([3]), name="keep_t")
+    return g.op("Slice", bd, g.const([0]), t, g.const([3]))
 
 
 def _xl_attention(
-    g: Graph, x: str, mask: str, kind: str = "add", proper: bool = True, table: bool = False
+    g: Graph,
+    x: str,
+    mask: str,
+    kind: str = "add",
+    proper: bool = True,
+    table: bool = False,
+    pos: str | None = None,
+    name: str = "attn",
 ) -> str:
     """scores = ((q + u) K^T + rel_shift((q + v) P^T)) / sqrt(dh) + mask (Transformer-XL)."""
     dh = D // HEADS
@@ -365,13 +374,14 @@ def _xl_attention(
     v = g.op("Transpose", v, perm=[0, 2, 1, 3])
     qu = g.op("Transpose", g.op("Add", q, g.weight(HEADS, dh)), perm=[0, 2, 1, 3])
     qv = g.op("Transpose", g.op("Add", q, g.weight(HEADS, dh)), perm=[0, 2, 1, 3])
-    ac = g.op("MatMul", qu, kt, name="attn/scores")
-    bd = g.op("MatMul", qv, _distance_embedding(g, x, table), name="attn/relative")
+    ac = g.op("MatMul", qu, kt, name=f"{name}/scores")
+    pos = pos or _distance_embedding(g, x, table)
+    bd = g.op("MatMul", qv, pos, name=f"{name}/relative")
     scores = g.op("Mul", g.op("Add", ac, _rel_shift(g, bd, proper)), g.const(np.float32(dh**-0.5)))
     if kind == "add":
-        scores = g.op("Add", scores, mask, name="attn/mask")
+        scores = g.op("Add", scores, mask, name=f"{name}/mask")
     else:
-        scores = g.op("Where", mask, scores, g.const(np.float32(-np.inf)), name="attn/mask")
+        scores = g.op("Where", mask, scores, g.const(np.float32(-np.inf)), name=f"{name}/mask")
     out = g.op("MatMul", g.op("Softmax", scores, axis=-1), v)
     out = g.op("Transpose", out, perm=[0, 2, 1, 3])
     return g.op("MatMul", g.op("Reshape", out, g.const([0, 0, D])), g.weight(D, D))
@@ -486,3 +496,28 @@ def test_positions_counted_from_one_are_refused(rng) -> None:
     model = g.model(_block(g, g.op("Add", "x", emb), _additive_tril(g, "x")))
     with pytest.raises(UnsupportedModelError, match=r"'proj' \(MatMul\) projects positions"):
         StreamAttentionPass()(model)
+
+
+@pytest.mark.parametrize("band", [None, 5])
+def test_two_layers_share_their_relative_positions(rng, band) -> None:
+    """One T5 bias and one distance embedding feed both layers (growing or banded caches)."""
+    g = Graph(rng)
+    if band is None:
+        mask, kind = _additive_tril(g, "x"), "add"
+    else:
+        mask, kind = _band_condition(g, "x", band), "where"
+    bias = _bias_table(g, _relative(g, "x"))
+    p = _distance_embedding(g, "x", table=True)
+    h = "x"
+    for layer in range(2):
+        if kind == "add":
+            h = g.op("Add", h, _attention_with_bias(g, h, bias, mask, name=f"t5_{layer}"))
+        else:
+            bias_masked = g.op("Where", mask, bias, g.const(np.float32(-np.inf)))
+            h = g.op("Add", h, _attention_with_bias(g, h, bias_masked, None, name=f"t5_{layer}"))
+        h = g.op("Add", h, _xl_attention(g, h, mask, kind, pos=p, name=f"xl_{layer}"))
+    model = g.model(h)
+    result, entry = _streamed(model, StreamPass(chunk=4))
+    grids = 1 if band is None else 2  # the band condition inside the bias is a grid too
+    assert entry.counts == {"attention-cache": 4, "relative-position": grids, "relative-shift": 2}
+    assert offline_difference(model, result, _x(rng, 30), chunks=[1, 4, 7]) < 1e-5
