@@ -274,8 +274,7 @@ def run(
     if save_path is not None:
         protected = (model, output, *([settings.report] if settings.report else []))
         saved = config.write(settings, save_path, protected)
-        if not as_json and not quiet:
-            click.echo(f"wrote {saved}", err=True)
+        click.echo(f"wrote {saved}", err=as_json)
     show_progress = verbose or not (as_json or quiet)
     progress = render.progress_printer(always=verbose) if show_progress else None
     _, report = onnxopt.optimize(

@@ -147,14 +147,22 @@ def test_save_config_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     path = tmp_path / "c.json"
     path.write_text('{"seed": 1}\n')
 
-    def broken(*args: object, **kwargs: object) -> str:
+    def broken(*args: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(config.json, "dumps", broken)
+    monkeypatch.setattr(config.os, "replace", broken)
     with pytest.raises(OSError):
         config.write(config.RunConfig(seed=2), path)
     assert path.read_text() == '{"seed": 1}\n'
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json"]  # no temporary left
+
+
+def test_save_config_line_and_quiet(tmp_path: Path) -> None:
+    out, saved = tmp_path / "o.onnx", tmp_path / "c.json"
+    result = invoke("run", WHISPER, "-o", out, "--passes", "cleanup", "-q", "--save-config", saved)
+    assert result.exit_code == 0 and result.stdout == f"wrote {saved}\nwrote {out}\n"
+    report = run_json(tmp_path, "--passes", "cleanup", "--save-config", saved)
+    assert report["pipeline"] == "cleanup"  # the 'wrote' line went to stderr
 
 
 @pytest.mark.parametrize(
