@@ -24,7 +24,8 @@ each step. A state's ``initial`` is a number or a nested list, broadcast to its 
 The stream passes (``stream``, ``stream-rnn``, ``stream-conv``, ``stream-attention``) share one
 analysis here: it follows the time axis of every value through the graph, refuses by name any
 node that reads future frames, and collects the nodes that keep past frames (sites); each
-family's module (``onnxopt.passes.stream_*``) rewrites its sites.
+family's module (``onnxopt.passes.stream_*``) rewrites its sites, and
+``onnxopt.stream_positions`` rewrites what is computed from frame positions.
 """
 
 from __future__ import annotations
