@@ -175,7 +175,10 @@ def _load(path: Path) -> Any:
         raise UsageError(f"--config: expected a .toml or .json file, got {path.name}")
     if not path.is_file():
         raise UsageError(f"pipeline file not found: {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"cannot read {path}: {err}") from None
     if path.suffix == ".json":
         try:
             return json.loads(text)

@@ -269,6 +269,8 @@ def run(
     except UsageError as err:
         from_file = {"passes", "target"} & (file_values.keys() - flags.keys())
         raise UsageError(f"{config_path}: {err}" if from_file else str(err)) from None
+    if settings.report is not None and not settings.report.absolute().parent.is_dir():
+        raise UsageError(f"report folder does not exist: {settings.report.absolute().parent}")
     if settings.golden is not None and settings.dims:
         raise UsageError("--dim only applies when the golden set is captured; drop it or --golden")
     if save_path is not None:

@@ -183,6 +183,7 @@ def test_save_config_line_and_quiet(tmp_path: Path) -> None:
         ({"target": "onnx-99", "passes": "lower"}, ["unknown target 'onnx-99'"]),
         ({"plugins": ["no_such.py"]}, ["plugin file not found"]),
         ([1, 2], ["expected a table of settings"]),
+        ({"report": "no/such/folder/r.json"}, ["report folder does not exist"]),
     ],
 )
 def test_bad_file_is_a_one_line_error(tmp_path: Path, content: object, fragments: list) -> None:
@@ -234,3 +235,18 @@ def test_the_documented_files_read(tmp_path: Path) -> None:
         path.write_text(body)
         settings = config.merge(config.read(path), {})
         assert build_passes(settings.passes, settings.target)
+
+
+def test_plugin_paths_are_relative_to_the_file(project: Path, tmp_path: Path) -> None:
+    plugin = project / "plugins" / "drop.py"
+    plugin.parent.mkdir()
+    plugin.write_text(
+        "import onnxopt\n\n\n@onnxopt.register_pass(replace=True)\n"
+        "class NothingPass(onnxopt.Pass):\n"
+        '    """Do nothing."""\n\n    name = "test-config-nothing"\n\n'
+        "    def call(self, model):\n        return onnxopt.PassResult(model, False)\n"
+    )
+    path = project / "p.json"
+    path.write_text(json.dumps({"plugins": ["plugins/drop.py"], "passes": "test-config-nothing"}))
+    report = run_json(tmp_path, "--config", path)
+    assert report["passes"][0]["status"] == "unchanged"
