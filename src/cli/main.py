@@ -333,7 +333,9 @@ def build_passes(spec_text: str, target: str | None) -> list[onnxopt.Pass]:
 @click.argument("model2", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--runs", default=50, show_default=True, help="Timed runs per model.")
 @click.option("--warmup", default=5, show_default=True, help="Untimed runs before them.")
-@click.option("--threads", default=0, show_default=True, help="ORT intra-op threads (0: ORT's default).")
+@click.option(
+    "--threads", default=0, show_default=True, help="ORT intra-op threads (0: ORT's default)."
+)
 @click.option(
     "--opt-level",
     type=click.Choice(bench_mod.OPT_LEVELS),
@@ -344,7 +346,10 @@ def build_passes(spec_text: str, target: str | None) -> list[onnxopt.Pass]:
 @click.option("--dim", "dims", multiple=True, metavar="NAME=N", help="Size of a symbolic dim.")
 @click.option("--seed", default=0, show_default=True, help="Seed of synthesized inputs.")
 @click.option(
-    "--golden", "golden_dir", type=click.Path(path_type=Path), help="Take inputs from a golden set (its first case)."
+    "--golden",
+    "golden_dir",
+    type=click.Path(path_type=Path),
+    help="Take inputs from a golden set (its first case).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
