@@ -7,6 +7,7 @@ import functools
 import importlib
 import importlib.util
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -38,6 +39,9 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except BrokenPipeError:  # the reader left (`| head`): stop quietly, as Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
         except Exception as err:
             if "--debug" in sys.argv:
                 raise

@@ -583,3 +583,12 @@ def test_click_usage_errors_are_one_line_too(tmp_path: Path) -> None:
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+
+
+def test_a_closed_pipe_ends_quietly() -> None:
+    proc = subprocess.Popen(
+        [str(ONNXOPT), "passes", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    proc.stdout.close()  # like `onnxopt passes --json | head -c 0`
+    assert proc.wait(timeout=60) == 1
+    assert proc.stderr.read() == b""
