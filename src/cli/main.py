@@ -276,7 +276,7 @@ def run(
     if settings.report is not None and not settings.report.absolute().parent.is_dir():
         raise UsageError(f"report folder does not exist: {settings.report.absolute().parent}")
     if settings.golden is not None and settings.dims:
-        raise UsageError("--dim only applies when the golden set is captured; drop it or --golden")
+        raise UsageError("--dim/dims only apply when the golden set is captured; drop them or it")
     if save_path is not None:
         protected = (model, output, *([settings.report] if settings.report else []))
         saved = config.write(settings, save_path, protected)
