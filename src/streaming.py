@@ -305,7 +305,9 @@ def offline_difference(
     for size in sizes:
         actual = session.run(feeds, size)
         for name, value in expected.items():
-            worst = max(worst, float(np.max(np.abs(actual[name] - value), initial=0.0)))
+            diff = np.abs(actual[name] - value)
+            diff[np.isnan(actual[name]) & np.isnan(value)] = 0.0  # NaN where offline has NaN
+            worst = max(worst, float(np.max(np.nan_to_num(diff, nan=np.inf), initial=0.0)))
     return worst
 
 
@@ -427,6 +429,7 @@ class RelShift:
     end: ir.Value
     ranges: list[ir.Node]
     scores: ir.Node | None = None
+    masks: list[tuple[ir.Node, int]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -467,6 +470,7 @@ class Analysis:
         self.distance_ranges: set[ir.Node] = set()  # Range(T-1, -T, -1) candidates
         self.rel_shifts: dict[ir.Node, RelShift] = {}  # by the (q + v) @ P^T MatMul
         self.passthrough: dict[ir.Node, int] = {}  # rel_shift nodes -> slot of the scores
+        self.score_expands: dict[ir.Node, tuple[int, ...]] = {}  # masks expanded to [.., T, T]
         for value in model.graph.inputs:
             if value.name in chunked:
                 self.info[value] = Timed(chunked[value.name], len(value.shape or ()))
@@ -782,6 +786,8 @@ def _link_shift(node: ir.Node | None, an: Analysis | None, a: ir.Node, b: ir.Nod
     if shift is None or shift.scores not in (None, scores):
         raise NotStreamable(node, "adds the scores of two attentions")
     shift.scores = scores
+    an.attention(scores).masks.extend(shift.masks)
+    shift.masks.clear()
     return scores
 
 
@@ -814,7 +820,11 @@ def _masked(node: ir.Node, index: int, an: Analysis, scores: Timed) -> Timed:
             node, "combines frames with values fixed per absolute position (a position table?)"
         )
     assert scores.scores is not None
-    an.attention(scores.scores).masks.append((node, index))
+    shift = an.rel_shifts.get(scores.scores)
+    if shift is not None and shift.scores is None:
+        shift.masks.append((node, index))  # the attention's, once the shift is added to it
+    else:
+        an.attention(shift.scores if shift else scores.scores).masks.append((node, index))
     an.probes.add(node.inputs[index])
     if node.op_type == "Where":
         an.probes.update(v for v in node.inputs[1:] if not isinstance(an.of(v), Timed))
@@ -1040,6 +1050,12 @@ def _flatten(node: ir.Node, an: Analysis) -> list[Info | None]:
 @rule("Expand")
 def _expand(node: ir.Node, an: Analysis) -> list[Info | None]:
     info, shape_info = an.of(node.inputs[0]), an.of(node.inputs[1])
+    scores = isinstance(info, Positions) or (isinstance(info, Timed) and info.key_axis is not None)
+    if scores and isinstance(shape_info, Length) and shape_info.flags is not None:
+        an.score_expands[node] = shape_info.flags  # made to broadcast over frames instead
+        if isinstance(info, Timed):
+            shift = len(shape_info.flags) - info.rank
+            return [info.moved(info.axis + shift, info.rank + shift, info.key_axis + shift)]
     if isinstance(info, Positions) or (isinstance(info, Final) and shape_info is None):
         return [info]
     if isinstance(shape_info, Length):
@@ -1848,6 +1864,7 @@ def make_streaming(model: ir.Model, options: StreamPassBase) -> PassResult:
     rewrite.batch_symbol = probes.batch_symbol
     for site in an.sites:
         _FAMILIES[site.family](site, rewrite)
+    _broadcast_expands(rewrite)
     spec = StreamSpec(
         chunk=options.chunk,
         inputs=chunked,
@@ -1885,6 +1902,8 @@ def decompose_fused_attention(model: ir.Model) -> int:
         domain = "" if node.domain == "ai.onnx" else node.domain
         if (domain, node.op_type) not in FUSED_ATTENTION:
             continue
+        if node.op_type == "MultiHeadAttention":
+            _merge_kv_heads(model, node)
         reasons = []
         for option in decomp.decompositions(domain, node.op_type):
             reason = option.reason_not_applicable(node, opset_version)
@@ -1892,9 +1911,9 @@ def decompose_fused_attention(model: ir.Model) -> int:
                 before = set(model.graph)
                 decomp.replace(model, node, option)
                 decomp.inline_calls(model)
-                for new in model.graph:  # a refusal names the nodes after the fused one
-                    if new not in before:
-                        new.name = f"{node.name}/{new.name or new.op_type}"
+                new = [n for n in model.graph if n not in before]
+                for index, inlined in enumerate(new):  # a refusal names the fused node
+                    inlined.name = f"{node.name}/{index}_{inlined.op_type}"
                 replaced += 1
                 break
             reasons.append(reason)
@@ -1903,6 +1922,39 @@ def decompose_fused_attention(model: ir.Model) -> int:
     if replaced:
         InferShapesPass()(model)
     return replaced
+
+
+def _merge_kv_heads(model: ir.Model, node: ir.Node) -> None:
+    """MultiHeadAttention's 4-D (BNSH) key and value as 3-D [B, T, N*H], as decomposed."""
+    for slot in (1, 2):
+        value = node.inputs[slot] if len(node.inputs) > slot else None
+        if value is None or value.shape is None or value.shape.rank() != 4:
+            continue
+        swap = ir.node("Transpose", [value], {"perm": [0, 2, 1, 3]}, name=f"{node.name}/bsnh{slot}")
+        shape = ir.Value(name=f"{node.name}/merged_shape{slot}", const_value=ir.tensor([0, 0, -1]))
+        model.graph.register_initializer(shape)
+        merge = ir.node("Reshape", [swap.outputs[0], shape], name=f"{node.name}/merged{slot}")
+        model.graph.insert_before(node, [swap, merge])
+        b, n, t, h = value.shape
+        width = n * h if isinstance(n, int) and isinstance(h, int) else None
+        merge.outputs[0].shape = ir.Shape([b, t, width])
+        merge.outputs[0].dtype = value.dtype
+        node.replace_input_with(slot, merge.outputs[0])
+
+
+def _broadcast_expands(rw: Rewrite) -> None:
+    """Masks and biases expanded to ``[.., T, T]`` broadcast along frames instead (dims of 1).
+
+    In a stream they have C queries and K keys (cache and chunk); the offline target would
+    say C by C. Expanding to 1 along those axes keeps what the mask already has.
+    """
+    for node, flags in rw.an.score_expands.items():
+        if node.graph is None:
+            continue
+        framed = rw.const(np.array([f != 0 for f in flags]), f"{node.name}/framed")
+        ones = rw.const(np.ones(len(flags), np.int64), f"{node.name}/ones")
+        target = rw.op("Where", [framed, ones, node.inputs[1]], before=node, name="broadcast")
+        node.replace_input_with(1, target)
 
 
 def frame_multiple(an: Analysis) -> int:
