@@ -1,6 +1,6 @@
 """Benchmark onnxopt's quant-int4 / quant-int8 against ONNX Runtime's own quantizers.
 
-Run it (about 6 minutes on 2 cores; ``--big`` adds ~15 more)::
+Run it (1-2 minutes on 2 cores; ``--big`` adds 5-8, most of it ORT's k_quant)::
 
     /work/venv/bin/python benchmarks/quant/run.py [--json /tmp/quant.json] [--big]
 
