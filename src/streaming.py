@@ -305,8 +305,8 @@ def offline_difference(
     for size in sizes:
         actual = session.run(feeds, size)
         for name, value in expected.items():
-            diff = np.abs(actual[name] - value)
-            diff[np.isnan(actual[name]) & np.isnan(value)] = 0.0  # NaN where offline has NaN
+            both_nan = np.isnan(actual[name]) & np.isnan(value)  # NaN where offline has NaN
+            diff = np.where(both_nan, 0.0, np.abs(actual[name] - value))
             worst = max(worst, float(np.max(np.nan_to_num(diff, nan=np.inf), initial=0.0)))
     return worst
 
@@ -826,9 +826,26 @@ def _masked(node: ir.Node, index: int, an: Analysis, scores: Timed) -> Timed:
     else:
         an.attention(shift.scores if shift else scores.scores).masks.append((node, index))
     an.probes.add(node.inputs[index])
+    parts = mask_parts(node.inputs[index], an)
+    if parts is not None:
+        an.probes.update(parts[0].inputs[i] for i in parts[1:])
     if node.op_type == "Where":
         an.probes.update(v for v in node.inputs[1:] if not isinstance(an.of(v), Timed))
     return dataclasses.replace(scores, masked=True)
+
+
+def mask_parts(value: ir.Value, an: Analysis) -> tuple[ir.Node, int, int] | None:
+    """A relative bias plus a mask, summed (then perhaps expanded): the Add and their slots."""
+    node = value.producer()
+    if node is not None and node in an.score_expands:
+        node = node.inputs[0].producer()
+    if node is None or node.op_type != "Add" or len(node.inputs) != 2:
+        return None
+    infos = [an.of(v) for v in node.inputs]
+    for bias, mask in ((0, 1), (1, 0)):
+        if isinstance(infos[bias], Relative) and type(infos[mask]) is Positions:
+            return node, bias, mask
+    return None
 
 
 def _length_elementwise(node: ir.Node, an: Analysis) -> Length | None:

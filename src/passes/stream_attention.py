@@ -18,6 +18,7 @@ from onnxopt.streaming import (
     StreamPassBase,
     Timed,
     family,
+    mask_parts,
 )
 
 _INT64_MAX = np.iinfo(np.int64).max
@@ -73,7 +74,6 @@ def _analyse_mask(site: AttentionSite, index: int, rw: Rewrite) -> tuple[int | N
         bias = _analyse_bias(node, slot, rw)
         if bias is not None:
             return bias
-    scores_slot = next(i for i, v in enumerate(node.inputs) if isinstance(rw.an.info.get(v), Timed))
     bands = []
     for run in (0, 1):
         array = rw.probes.value(node.inputs[slot], run)
@@ -85,6 +85,8 @@ def _analyse_mask(site: AttentionSite, index: int, rw: Rewrite) -> tuple[int | N
             kind = MaskKind(True, float(mask[blocked].flat[0]) if blocked.any() else 0.0)
             allowed = ~blocked
         else:
+            timed = (i for i, v in enumerate(node.inputs) if isinstance(rw.an.of(v), Timed))
+            scores_slot = next(timed)
             keep_when = scores_slot == 1
             fill_value = rw.probes.value(node.inputs[3 - scores_slot], run)
             if np.unique(fill_value).size != 1:
@@ -100,6 +102,18 @@ def _analyse_mask(site: AttentionSite, index: int, rw: Rewrite) -> tuple[int | N
     if bands[0] != bands[1] and bands[0] is not None:
         raise NotStreamable(node, "masks attention with a band that changes with the length")
     return bands[1], kind
+
+
+def _split_masks(masks: list[tuple[ir.Node, int]], rw: Rewrite) -> list[tuple[ir.Node, int]]:
+    """A relative bias and a mask summed before the scores (as fusion leaves them): two masks."""
+    split = []
+    for node, slot in masks:
+        parts = mask_parts(node.inputs[slot], rw.an) if node.op_type == "Add" else None
+        if parts is None:
+            split.append((node, slot))
+        else:
+            split += [(parts[0], parts[1]), (parts[0], parts[2])]
+    return split
 
 
 def _analyse_bias(node: ir.Node, slot: int, rw: Rewrite) -> tuple[int | None, MaskKind] | None:
@@ -137,6 +151,7 @@ def _rewrite(site: Site, rw: Rewrite) -> None:
     assert isinstance(site, AttentionSite)
     node = site.node
     name = (node.name or f"attention_{len(rw.states)}").lstrip("/")
+    site.masks = _split_masks(site.masks, rw)
     masks = [_analyse_mask(site, i, rw) for i in range(len(site.masks))]
     if not any(kind.causal for _, kind in masks):
         reason = "attends to every frame, future ones too (its only mask is a position bias)"

@@ -474,15 +474,35 @@ def test_fused_attention_without_causal_flag_is_refused(rng) -> None:
         StreamAttentionPass()(model)
 
 
+def _t5_model(rng) -> ir.Model:
+    g = Graph(rng)
+    bias = _bias_table(g, _relative(g, "x"))
+    return g.model(_attention_with_bias(g, "x", bias, _additive_tril(g, "x")))
+
+
+def _xl_model(rng) -> ir.Model:
+    g = Graph(rng)
+    return g.model(_xl_attention(g, "x", _additive_tril(g, "x")))
+
+
+@pytest.mark.parametrize(
+    ("build", "rules"),
+    [
+        (_causal_transformer, {}),
+        (_t5_model, {"relative-position": 1}),  # fusion sums the bias and the mask
+        (_xl_model, {"relative-shift": 1}),  # MultiHeadAttention on 4-D K/V, expanded bias
+    ],
+)
 @pytest.mark.parametrize("opset", [17, 23])  # fuse-attention emits MultiHeadAttention / Attention
-def test_fused_then_streamed_in_one_pipeline(rng, opset) -> None:
-    model = _causal_transformer(rng)
+def test_fused_then_streamed_in_one_pipeline(rng, opset, build, rules) -> None:
+    model = build(rng)
     model.opset_imports[""] = opset
     result, report = Pipeline("fuse,stream(chunk=4)").run(model.clone())
     entries = {p.name: p for p in report.passes}
     assert entries["fuse-attention"].counts == {"attention": 1}
     assert entries["stream"].status == "ok", entries["stream"].reason
-    assert entries["stream"].counts == {"attention-cache": 1, "decompose-attention": 1}
+    expected = {"attention-cache": 1, "decompose-attention": 1, **rules}
+    assert entries["stream"].counts == expected
     assert offline_difference(model, result, _x(rng, 27), chunks=[1, 4, 7]) < 1e-5
 
 
