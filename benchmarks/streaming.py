@@ -157,10 +157,78 @@ def conformer(dim: int = 128, heads: int = 4, left: int = 32, kernel: int = 15) 
     return b.model(["batch", "time", dim], b.op("Add", h, b.op("Transpose", c, perm=[0, 2, 1])))
 
 
+def _distances(b: Builder, x: str, dim: int, heads: int) -> str:
+    """Sinusoids of distances T-1..1-T, projected per head: [heads, dh, 2T-1] (Transformer-XL)."""
+    t = b.op("Squeeze", b.op("Gather", b.op("Shape", x), b.const([1])), b.const([0]))
+    far = b.op("Cast", b.op("Sub", t, b.const(np.array(1))), to=TensorProto.FLOAT)
+    near = b.op("Cast", b.op("Neg", t), to=TensorProto.FLOAT)
+    dist = b.op("Range", far, near, b.const(np.float32(-1)))
+    freq = b.const((10000.0 ** -(np.arange(dim // 2) / (dim // 2))).astype(np.float32))
+    angles = b.op("Mul", b.op("Unsqueeze", dist, b.const([1])), freq)
+    pe = b.op("Concat", b.op("Sin", angles), b.op("Cos", angles), axis=-1)
+    p = b.op("Reshape", b.op("MatMul", pe, b.weight(dim, dim)), b.const([-1, heads, dim // heads]))
+    return b.op("Transpose", p, perm=[1, 2, 0])
+
+
+def _rel_shift(b: Builder, bd: str) -> str:
+    """[B, H, T, 2T-1] -> [B, H, T, T]: pad, view [B, H, 2T, T], drop a row, view, keep T."""
+    shape = b.op("Shape", bd)
+    lead, t = b.op("Slice", shape, b.const([0]), b.const([2])), b.op("Gather", shape, b.const([2]))
+    padded = b.op("Pad", bd, b.const([0, 0, 0, 1, 0, 0, 0, 0]))
+    wide = b.op("Gather", b.op("Shape", padded), b.const([3]))
+    rows = b.op("Reshape", padded, b.op("Concat", lead, wide, t, axis=0))
+    rows = b.op("Slice", rows, b.const([1]), b.const([2**62]), b.const([2]))
+    back = b.op("Concat", lead, t, b.op("Gather", shape, b.const([3])), axis=0)
+    return b.op("Slice", b.op("Reshape", rows, back), b.const([0]), t, b.const([3]))
+
+
+def _rel_attention(b: Builder, x: str, dim: int, heads: int, mask: str, pos: str) -> str:
+    """Softmax(((q + u) K^T + rel_shift((q + v) P^T)) / sqrt(dh), banded) @ V."""
+    dh = dim // heads
+    split = b.const([0, 0, heads, dh])
+    q, k, v = (b.op("Reshape", b.op("MatMul", x, b.weight(dim, dim)), split) for _ in range(3))
+    qu = b.op("Transpose", b.op("Add", q, b.weight(heads, dh)), perm=[0, 2, 1, 3])
+    qv = b.op("Transpose", b.op("Add", q, b.weight(heads, dh)), perm=[0, 2, 1, 3])
+    ac = b.op("MatMul", qu, b.op("Transpose", k, perm=[0, 2, 3, 1]))
+    s = b.op("Add", ac, _rel_shift(b, b.op("MatMul", qv, pos)))
+    s = b.op(
+        "Where", mask, b.op("Mul", s, b.const(np.float32(dh**-0.5))), b.const(np.float32(-1e9))
+    )
+    o = b.op("MatMul", b.op("Softmax", s, axis=-1), b.op("Transpose", v, perm=[0, 2, 1, 3]))
+    o = b.op("Transpose", o, perm=[0, 2, 1, 3])
+    return b.op("MatMul", b.op("Reshape", o, b.const([0, 0, dim])), b.weight(dim, dim))
+
+
+def conformer_relpos(dim: int = 128, heads: int = 4, left: int = 32, kernel: int = 15) -> ir.Model:
+    """The conformer with Transformer-XL relative-position attention (rel_shift) instead."""
+    b = Builder(3)
+    t = b.op("Squeeze", b.op("Gather", b.op("Shape", "x"), b.const([1])), b.const([0]))
+    pos = b.op("Range", b.const(np.array(0)), t, b.const(np.array(1)))
+    diff = b.op("Sub", b.op("Unsqueeze", pos, b.const([1])), b.op("Unsqueeze", pos, b.const([0])))
+    mask = b.op(
+        "And",
+        b.op("Not", b.op("Less", diff, b.const(np.array(0)))),
+        b.op("Less", diff, b.const(np.array(left))),
+    )
+    h = b.op(
+        "Add", "x", b.op("Mul", _ffn(b, _layer_norm(b, "x", dim), dim), b.const(np.float32(0.5)))
+    )
+    distances = _distances(b, "x", dim, heads)
+    h = b.op("Add", h, _rel_attention(b, _layer_norm(b, h, dim), dim, heads, mask, distances))
+    c = b.op("Transpose", _layer_norm(b, h, dim), perm=[0, 2, 1])
+    c = b.op("Conv", c, b.weight(dim, dim, 1))
+    dw = b.weight(dim, 1, kernel, fan_in=kernel)
+    c = b.op("Conv", b.op("Pad", c, b.const([0, 0, kernel - 1, 0, 0, 0])), dw, group=dim)
+    c = b.op("Mul", c, b.op("Sigmoid", c))
+    c = b.op("Conv", c, b.weight(dim, dim, 1))
+    return b.model(["batch", "time", dim], b.op("Add", h, b.op("Transpose", c, perm=[0, 2, 1])))
+
+
 MODELS: dict[str, tuple[Callable[[], ir.Model], int]] = {  # builder, time axis of x
     "kws-tcn-gru": (kws_tcn_gru, 2),
     "causal-transformer": (causal_transformer, 1),
     "conformer": (conformer, 1),
+    "conformer-relpos": (conformer_relpos, 1),
 }
 
 
