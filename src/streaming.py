@@ -909,6 +909,8 @@ def _per_channel(node: ir.Node, an: Analysis) -> list[Info | None]:
 @rule("Shape")
 def _shape(node: ir.Node, an: Analysis) -> list[Info | None]:
     info = an.of(node.inputs[0])
+    if isinstance(info, Relative):
+        return [Relative()]  # a grid's shape: the grid's, whatever positions feed it
     if not isinstance(info, Timed):
         return [Length(None) if isinstance(info, Positions) else None]
     start = _norm(int_attr(node, "start", 0), info.rank)
@@ -957,6 +959,8 @@ def _frame_count(info: Info | None) -> int | None:
 @rule("ConstantOfShape")
 def _constant_of_shape(node: ir.Node, an: Analysis) -> list[Info | None]:
     info = an.of(node.inputs[0])
+    if isinstance(info, Relative):
+        return [Relative()]  # zeros_like(grid)
     flags = info.flags if isinstance(info, Length) else None
     if flags is None or -1 in flags or sum(1 for f in flags if f > 0) != 1:
         return [Positions()]
@@ -1067,6 +1071,8 @@ def _flatten(node: ir.Node, an: Analysis) -> list[Info | None]:
 @rule("Expand")
 def _expand(node: ir.Node, an: Analysis) -> list[Info | None]:
     info, shape_info = an.of(node.inputs[0]), an.of(node.inputs[1])
+    if isinstance(shape_info, Relative) and (info is None or isinstance(info, Relative)):
+        return [Relative()]  # full_like(grid, value)
     scores = isinstance(info, Positions) or (isinstance(info, Timed) and info.key_axis is not None)
     if scores and isinstance(shape_info, Length) and shape_info.flags is not None:
         an.score_expands[node] = shape_info.flags  # made to broadcast over frames instead

@@ -541,3 +541,27 @@ def test_two_layers_share_their_relative_positions(rng, band) -> None:
     grids = 1 if band is None else 2  # the band condition inside the bias is a grid too
     assert entry.counts == {"attention-cache": 4, "relative-position": grids, "relative-shift": 2}
     assert offline_difference(model, result, _x(rng, 30), chunks=[1, 4, 7]) < 1e-5
+
+
+def test_t5_log_buckets_with_grid_shaped_constants_stream(rng) -> None:
+    """T5's causal buckets: -min(j - i, zeros_like), exact below 8, log-spaced up to 15."""
+    g = Graph(rng)
+    t = g.op("Squeeze", _length(g, "x"), g.const([0]))
+    pos = g.op("Range", g.const(np.array(0)), t, g.const(np.array(1)))
+    rel = g.op("Sub", g.op("Unsqueeze", pos, g.const([0])), g.op("Unsqueeze", pos, g.const([1])))
+    zeros = g.op("ConstantOfShape", g.op("Shape", rel), value=helper.make_tensor("", 7, [1], [0]))
+    n = g.op("Neg", g.op("Min", rel, zeros))
+    scaled = g.op(
+        "Div",
+        g.op("Log", g.op("Div", g.op("Cast", n, to=1), g.const(np.float32(8)))),
+        g.const(np.float32(np.log(16.0))),
+    )
+    large = g.op(
+        "Add", g.const(np.array(8)), g.op("Cast", g.op("Mul", scaled, g.const(np.float32(8))), to=7)
+    )
+    large = g.op("Min", large, g.op("Expand", g.const(np.array(15)), g.op("Shape", large)))
+    bucket = g.op("Where", g.op("Less", n, g.const(np.array(8))), n, large)
+    model = g.model(_attention_with_bias(g, "x", _bias_table(g, bucket), _additive_tril(g, "x")))
+    result, entry = _streamed(model, StreamAttentionPass(chunk=4))
+    assert entry.counts == {"attention-cache": 1, "relative-position": 1}
+    assert offline_difference(model, result, _x(rng, 150), chunks=[3, 16, 150]) < 1e-5
