@@ -19,6 +19,8 @@ _BUILTIN: dict[str, str] = {
     "fuse-attention": "onnxopt.passes.fuse_attention",
     "fuse-skip-layer-norm": "onnxopt.passes.fuse_skip_layer_norm",
     "fuse-bias": "onnxopt.passes.fuse_bias",
+    "quant-int4": "onnxopt.passes.quant_int4",
+    "quant-int8": "onnxopt.passes.quant_int8",
     "stream": "onnxopt.streaming",
     "stream-rnn": "onnxopt.passes.stream_rnn",
     "stream-conv": "onnxopt.passes.stream_conv",
