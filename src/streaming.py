@@ -537,6 +537,7 @@ class Analysis:
         elif all(info is None for info in infos):
             return  # nothing here depends on the frames
         elif (node.domain.replace("ai.onnx", ""), node.op_type) in FUSED_ATTENTION:
+            _past_from_inputs(node)
             reason = node.meta.get(_UNDECOMPOSED, "was not decomposed")
             raise NotStreamable(node, f"is a fused attention that cannot be decomposed: {reason}")
         elif node.domain not in ("", "ai.onnx") or node.op_type not in _RULES:
@@ -556,6 +557,20 @@ class Analysis:
             raise NotStreamable(node, "outputs values over relative distances")
         if isinstance(info, (Length, Positions)) and node is not None:
             raise NotStreamable(node, f"outputs '{value.name}', computed from the input length")
+
+
+_PAST_SLOTS = {"Attention": (4, 5), "MultiHeadAttention": (6, 7)}
+
+
+def _past_from_inputs(node: ir.Node) -> None:
+    """A fused attention fed past keys or values by a graph input: the model streams already."""
+    for slot in _PAST_SLOTS[node.op_type]:
+        value = node.inputs[slot] if len(node.inputs) > slot else None
+        if value is not None and value.is_graph_input():
+            raise AlreadyStreaming(
+                f"node '{node.name}' takes past keys and values from input '{value.name}': "
+                "the model keeps its own cache"
+            )
 
 
 def static_array(value: ir.Value | None) -> np.ndarray | None:

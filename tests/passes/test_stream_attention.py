@@ -565,3 +565,32 @@ def test_t5_log_buckets_with_grid_shaped_constants_stream(rng) -> None:
     result, entry = _streamed(model, StreamAttentionPass(chunk=4))
     assert entry.counts == {"attention-cache": 1, "relative-position": 1}
     assert offline_difference(model, result, _x(rng, 150), chunks=[3, 16, 150]) < 1e-5
+
+
+def test_attention_with_past_inputs_is_already_streaming(rng) -> None:
+    """Attention-23 fed past_key/past_value by graph inputs keeps its own cache: unchanged."""
+    g = Graph(rng)
+    heads = g.const([0, 0, HEADS, D // HEADS])
+    q, k, v = (
+        g.op(
+            "Transpose",
+            g.op("Reshape", g.op("MatMul", "x", g.weight(D, D)), heads),
+            perm=[0, 2, 1, 3],
+        )
+        for _ in range(3)
+    )
+    g.nodes.append(
+        helper.make_node(
+            "Attention",
+            [q, k, v, "", "past_k", "past_v"],
+            ["attn_out", "present_k", "present_v"],
+            name="attn",
+        )
+    )
+    out = g.op("Reshape", g.op("Transpose", "attn_out", perm=[0, 2, 1, 3]), g.const([0, 0, D]))
+    past = (FLOAT, ["batch", HEADS, "past", D // HEADS])
+    model = g.model(out, {"x": (FLOAT, ["batch", "time", D]), "past_k": past, "past_v": past})
+    model.opset_imports[""] = 23
+    result = StreamPass()(model)
+    assert not result.modified
+    assert "takes past keys and values from input 'past_k'" in result.notes[0]
