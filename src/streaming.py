@@ -2014,6 +2014,9 @@ def _output_axes(model: ir.Model, an: Analysis, states: set[str]) -> dict[str, i
 def _mark_time_dims(an: Analysis) -> None:
     """Chunk-sized dims become symbolic (``chunk``, ``chunk_4`` after a stride of 4)."""
     for value, info in an.info.items():
+        if isinstance(info, Relative) and value.shape is not None:
+            value.shape = ir.Shape([None] * len(value.shape))  # C queries by K keys now
+            continue
         if not isinstance(info, Timed) or value.shape is None or len(value.shape) != info.rank:
             continue
         dims = list(value.shape)
