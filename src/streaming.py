@@ -1922,6 +1922,7 @@ def make_streaming(model: ir.Model, options: StreamPassBase) -> PassResult:
 
 FUSED_ATTENTION = {("", "Attention"), ("com.microsoft", "MultiHeadAttention")}
 _UNDECOMPOSED = "onnxopt.streaming.undecomposed"
+FUSED_FROM = "onnxopt.streaming.fused_from"  # meta of nodes from a decomposed fused attention
 
 
 def decompose_fused_attention(model: ir.Model) -> int:
@@ -1952,6 +1953,7 @@ def decompose_fused_attention(model: ir.Model) -> int:
                 new = [n for n in model.graph if n not in before]
                 for index, inlined in enumerate(new):  # a refusal names the fused node
                     inlined.name = f"{node.name}/{index}_{inlined.op_type}"
+                    inlined.meta[FUSED_FROM] = node.name
                 replaced += 1
                 break
             reasons.append(reason)

@@ -10,6 +10,7 @@ import onnx_ir as ir
 from onnxopt.registry import register_pass
 from onnxopt.stream_positions import cache_size, chunk_positions, stream_bias, stream_rel_shift
 from onnxopt.streaming import (
+    FUSED_FROM,
     AttentionSite,
     NotStreamable,
     Relative,
@@ -150,7 +151,7 @@ def _rewrite(site: Site, rw: Rewrite) -> None:
     """Keys and values get caches; each mask is rebuilt from frame positions in the stream."""
     assert isinstance(site, AttentionSite)
     node = site.node
-    name = (node.name or f"attention_{len(rw.states)}").lstrip("/")
+    name = (node.meta.get(FUSED_FROM) or node.name or f"attention_{len(rw.states)}").lstrip("/")
     site.masks = _split_masks(site.masks, rw)
     masks = [_analyse_mask(site, i, rw) for i in range(len(site.masks))]
     if not any(kind.causal for _, kind in masks):
@@ -185,7 +186,8 @@ def _rewrite(site: Site, rw: Rewrite) -> None:
         if shift.scores is node:
             stream_rel_shift(rw, node, keys, k_in, key_axis, shift)
     context = "unlimited (the cache grows)" if frames is None else f"{frames} frames"
-    rw.count("attention-cache", f"{node.name}: key/value caches, left context {context}")
+    label = node.meta.get(FUSED_FROM) or node.name
+    rw.count("attention-cache", f"{label}: key/value caches, left context {context}")
 
 
 def _cache(rw: Rewrite, node: ir.Node, slot: int, name: str, frames: int | None) -> ir.Value:

@@ -460,6 +460,8 @@ def test_fused_causal_attention_is_decomposed_then_streamed(rng, op) -> None:
     result, entry = _streamed(model, StreamAttentionPass(chunk=4))
     assert entry.counts == {"attention-cache": 1, "decompose-attention": 1}
     assert not any(n.op_type in ("Attention", "MultiHeadAttention") for n in result.graph)
+    states = {s.input for s in StreamSpec.read(result).states}
+    assert {"attn.k_in", "attn.v_in"} <= states  # caches named after the fused node
     assert offline_difference(model, result, _x(rng, 29), chunks=[1, 4, 7]) < 1e-5
 
 
