@@ -1943,6 +1943,8 @@ def decompose_fused_attention(model: ir.Model) -> int:
             continue
         if node.op_type == "MultiHeadAttention":
             _merge_kv_heads(model, node)
+        else:
+            _repeat_kv_heads(model, node)
         reasons = []
         for option in decomp.decompositions(domain, node.op_type):
             reason = option.reason_not_applicable(node, opset_version)
@@ -1962,6 +1964,32 @@ def decompose_fused_attention(model: ir.Model) -> int:
     if replaced:
         InferShapesPass()(model)
     return replaced
+
+
+def _repeat_kv_heads(model: ir.Model, node: ir.Node) -> None:
+    """4-D Attention with fewer K/V heads than Q heads (grouped): K/V heads gathered to match.
+
+    KV head i serves Q heads ``i*g .. i*g+g-1`` (g = Q heads / KV heads).
+    """
+    q, k = node.inputs[0], node.inputs[1]
+    if q.shape is None or k.shape is None or q.shape.rank() != 4 or k.shape.rank() != 4:
+        return
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if not isinstance(heads, int) or not isinstance(kv_heads, int) or heads == kv_heads:
+        return
+    if heads % kv_heads:
+        return
+    picks = np.arange(heads, dtype=np.int64) // (heads // kv_heads)
+    index = ir.Value(name=f"{node.name}/kv_heads", const_value=ir.tensor(picks))
+    model.graph.register_initializer(index)
+    for slot in (1, 2):
+        value = node.inputs[slot]
+        gather = ir.node("Gather", [value, index], {"axis": 1}, name=f"{node.name}/repeat{slot}")
+        model.graph.insert_before(node, gather)
+        if value.shape is not None and value.shape.rank() == 4:
+            gather.outputs[0].shape = ir.Shape([value.shape[0], heads, *value.shape[2:]])
+        gather.outputs[0].dtype = value.dtype
+        node.replace_input_with(slot, gather.outputs[0])
 
 
 def _merge_kv_heads(model: ir.Model, node: ir.Node) -> None:

@@ -596,3 +596,26 @@ def test_attention_with_past_inputs_is_already_streaming(rng) -> None:
     result = StreamPass()(model)
     assert not result.modified
     assert "takes past keys and values from input 'past_k'" in result.notes[0]
+
+
+def test_grouped_query_attention_23_repeats_kv_heads_then_streams(rng) -> None:
+    """Attention-23 with 2 Q heads over 1 K/V head (as fuse-attention leaves GQA): exact."""
+    g = Graph(rng)
+    dh = D // HEADS
+    q = g.op("Reshape", g.op("MatMul", "x", g.weight(D, D)), g.const([0, 0, HEADS, dh]))
+    q = g.op("Transpose", q, perm=[0, 2, 1, 3])
+    k, v = (
+        g.op(
+            "Transpose",
+            g.op("Reshape", g.op("MatMul", "x", g.weight(D, dh)), g.const([0, 0, 1, dh])),
+            perm=[0, 2, 1, 3],
+        )
+        for _ in range(2)
+    )
+    out = g.op("Attention", q, k, v, is_causal=1, name="gqa")
+    out = g.op("Reshape", g.op("Transpose", out, perm=[0, 2, 1, 3]), g.const([0, 0, D]))
+    model = g.model(g.op("MatMul", out, g.weight(D, D)))
+    model.opset_imports[""] = 23
+    result, entry = _streamed(model, StreamAttentionPass(chunk=4))
+    assert entry.counts == {"attention-cache": 1, "decompose-attention": 1}
+    assert offline_difference(model, result, _x(rng, 29), chunks=[1, 4, 7]) < 1e-5
