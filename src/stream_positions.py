@@ -88,29 +88,17 @@ def stream_rel_shift(
         name = f"{shift.matmul.name}/stream/{tag or op_type}"
         return rw.op(op_type, inputs, attrs, before=node, name=name)
 
-    one = rw.const(np.array(1, np.int64), "stream.mask/one")
     total = op("Add", [past, chunk], tag="keys")
-    cache = cache_size(k_in, axis)
+    size = cache_size(k_in, axis)
     for source in shift.ranges:
-        if rw.shared.setdefault(("distances", source), cache) != cache:
-            raise NotStreamable(source, "feeds distance embeddings of attentions with other caches")
-        if ("distances-done", source) in rw.shared:
-            continue  # shared by an earlier attention with the same caches
-        rw.shared[("distances-done", source)] = True
-        if source.op_type == "Range":
-            dtype = source.outputs[0].dtype or ir.DataType.INT64
-            start = op("Cast", [op("Sub", [total, one], tag="far")], {"to": dtype}, tag="start")
-            limit = op("Cast", [op("Neg", [chunk], tag="near")], {"to": dtype}, tag="limit")
-        else:  # table[c-K+1 : c+C]
-            center = _center(rw, source)
-            vector = rw.const(np.array([1], np.int64), "stream.vector_shape")
-            first = rw.const(np.array(center + 1, np.int64), f"{source.name}/center_next")
-            last = rw.const(np.array(center, np.int64), f"{source.name}/center")
-            start = op("Reshape", [op("Sub", [first, total], tag="far"), vector], tag="start")
-            limit = op("Reshape", [op("Add", [last, chunk], tag="near"), vector], tag="limit")
-        at = 0 if source.op_type == "Range" else 1
-        source.replace_input_with(at, start)
-        source.replace_input_with(at + 1, limit)
+        if ("distances", source) in rw.shared:  # rewritten for an earlier attention
+            if rw.shared[("distances", source)] != size:
+                reason = "feeds distance embeddings of attentions with other caches"
+                raise NotStreamable(source, reason)
+            continue
+        rw.shared[("distances", source)] = size
+        _stream_distances(rw, source, total, chunk, op)
+    one = rw.const(np.array(1, np.int64), "stream.mask/one")
     zero = rw.const(np.array(0, np.int64), "stream.mask/zero")
     rows = op("Sub", [op("Sub", [chunk, one], tag="last"), op("Range", [zero, chunk, one])])
     cols = op("Range", [zero, total, one], tag="cols")
@@ -129,6 +117,25 @@ def stream_rel_shift(
     shifted = op("GatherElements", [shift.start, index], {"axis": rank - 1}, tag="shifted")
     ir.convenience.replace_all_uses_with(shift.end, shifted)
     rw.count("relative-shift", f"{shift.matmul.name}: distances K-1..1-C, shift as a gather")
+
+
+def _stream_distances(rw: Rewrite, source: ir.Node, total: ir.Value, chunk: ir.Value, op) -> None:
+    """Distances for C queries over K keys: ``Range(K-1, -C, -1)``, ``table[c-K+1 : c+C]``."""
+    if source.op_type == "Range":
+        dtype = source.outputs[0].dtype or ir.DataType.INT64
+        one = rw.const(np.array(1, np.int64), "stream.mask/one")
+        start = op("Cast", [op("Sub", [total, one], tag="far")], {"to": dtype}, tag="start")
+        limit = op("Cast", [op("Neg", [chunk], tag="near")], {"to": dtype}, tag="limit")
+    else:
+        center = _center(rw, source)
+        vector = rw.const(np.array([1], np.int64), "stream.vector_shape")
+        first = rw.const(np.array(center + 1, np.int64), f"{source.name}/center_next")
+        last = rw.const(np.array(center, np.int64), f"{source.name}/center")
+        start = op("Reshape", [op("Sub", [first, total], tag="far"), vector], tag="start")
+        limit = op("Reshape", [op("Add", [last, chunk], tag="near"), vector], tag="limit")
+    at = 0 if source.op_type == "Range" else 1
+    source.replace_input_with(at, start)
+    source.replace_input_with(at + 1, limit)
 
 
 def _center(rw: Rewrite, source: ir.Node) -> int:
@@ -157,7 +164,7 @@ def _check_shift(rw: Rewrite, shift: RelShift) -> None:
         y = rw.probes.value(shift.end, run)
         frames = x.shape[-2]
         for source in shift.ranges:
-            if ("distances-done", source) in rw.shared:
+            if ("distances", source) in rw.shared:
                 continue  # checked and rewritten for an earlier attention
             if source.op_type == "Slice":
                 _center(rw, source)
@@ -186,13 +193,14 @@ def stream_bias(
     queries, keys_from = chunk_positions(rw, node, keys, k_in, axis)
     zero = rw.const(np.array(0, np.int64), "stream.mask/zero")
     keys_from = rw.op("Max", [keys_from, zero], before=node, name="stream.mask/keys_seen")
+    size = cache_size(k_in, axis)
     for grid in _grids_under(rw, bias):
-        done = rw.shared.setdefault(("grid", grid), cache_size(k_in, axis))
-        if done != cache_size(k_in, axis):
-            raise NotStreamable(grid, "feeds position biases of attentions with different caches")
-        if ("grid-done", grid) in rw.shared:
+        if ("grid", grid) in rw.shared:  # rewritten for an earlier attention
+            if rw.shared[("grid", grid)] != size:
+                reason = "feeds position biases of attentions with different caches"
+                raise NotStreamable(grid, reason)
             continue
-        rw.shared[("grid-done", grid)] = True
+        rw.shared[("grid", grid)] = size
         query_slot, key_slot = rw.an.grids[grid]
         memo: dict[ir.Value, ir.Value] = {}
         for slot, positions in ((query_slot, queries), (key_slot, keys_from)):
