@@ -55,7 +55,10 @@ def _why_not(model: ir.Model, target: Target, domain: str, op_type: str) -> str 
         # not in the model's standard opset: the checker (and runtimes) reject it
         if not onnx.defs.has(op_type):
             return f"{op_type} is not a standard ONNX operator"
-        since = onnx.defs.get_schema(op_type).since_version
+        newest = onnx.defs.onnx_opset_version()
+        since = next((v for v in range(opset + 1, newest + 1) if onnx.defs.has(op_type, v, "")), 0)
+        if not since:
+            return f"{op_type} is not in standard opset {opset}"
         return f"{op_type} needs opset {since} and the model imports {opset}"
     if not target.supports(domain, op_type, opset):
         return f"{target.name} cannot run {domain + '::' if domain else ''}{op_type}"
