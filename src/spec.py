@@ -48,12 +48,13 @@ def parse(spec: str) -> list[Item]:
 
 
 def build(
-    spec: str, _seen: tuple[str, ...] = (), _inherited: dict[str, str | list[str]] | None = None
+    spec: str, _seen: tuple[str, ...] = (), inherited: dict[str, str | list[str]] | None = None
 ) -> list[Pass]:
     """Parse ``spec``, expand aliases, and instantiate each pass with its options.
 
     Options given to an alias (``fuse(target=onnx-17)``) go to every pass it expands to that
-    has that option; an option none of them has is an error.
+    has that option; an option none of them has is an error. ``inherited`` options apply the
+    same way to every pass in ``spec`` that has them, below the pass's own options.
     """
     passes: list[Pass] = []
     aliases = registry.aliases()
@@ -61,7 +62,7 @@ def build(
         if item.name in aliases:
             if item.name in _seen:
                 raise SpecError(f"alias '{item.name}' expands to itself", spec, item.column)
-            inherited = {**(_inherited or {}), **item.options}
+            inherited = {**(inherited or {}), **item.options}
             expanded = build(aliases[item.name], (*_seen, item.name), inherited)
             taken = {f.name for p in expanded for f in p.options()}
             for key in item.options:
@@ -78,7 +79,7 @@ def build(
             hint = f"; did you mean '{close[0]}'?" if close else "; see 'onnxopt passes'"
             raise SpecError(f"unknown pass '{item.name}'{hint}", spec, item.column)
         fields = {f.name for f in pass_cls.options()}
-        options = {k: v for k, v in (_inherited or {}).items() if k in fields}
+        options = {k: v for k, v in (inherited or {}).items() if k in fields}
         options.update(item.options)
         try:
             passes.append(pass_cls.from_options(options))

@@ -326,7 +326,7 @@ def build_passes(spec_text: str, target: str | None) -> list[onnxopt.Pass]:
     from onnxopt.targets import load_target
 
     load_target(target)
-    passes = spec_mod.build(spec_text, _inherited={"target": target})
+    passes = spec_mod.build(spec_text, inherited={"target": target})
     if not any(f.name == "target" for p in passes for f in p.options()):
         raise UsageError(f"--target {target}: no pass in '{spec_text}' has a target option")
     return passes
