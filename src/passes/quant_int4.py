@@ -32,7 +32,7 @@ class Use:
 
 
 @dataclasses.dataclass
-class Target:
+class WeightSite:
     """A constant weight and the nodes that read it as ``[K, N]`` (or ``[N, K]`` when ``rows``)."""
 
     weight: ir.Value
@@ -93,13 +93,13 @@ class WeightQuantPass(Pass):
         model.opset_imports.setdefault(MS_DOMAIN, 1)
         return True
 
-    def rewrite(self, model: ir.Model, target: Target, counts: dict[str, int]) -> int:
+    def rewrite(self, model: ir.Model, target: WeightSite, counts: dict[str, int]) -> int:
         """Replace the weight's uses by quantized ones; returns the bytes of the new tensors."""
         raise NotImplementedError
 
-    def find(self, model: ir.Model, result: PassResult) -> list[Target]:
+    def find(self, model: ir.Model, result: PassResult) -> list[WeightSite]:
         """The weights to quantize, each once however many nodes share it; skips are counted."""
-        targets: dict[tuple[int, bool], Target] = {}
+        targets: dict[tuple[int, bool], WeightSite] = {}
         for node in model.graph.all_nodes():
             found = _weight_of(node) if node.op_type in self.ops and node.domain == "" else None
             if found is None:
@@ -112,7 +112,7 @@ class WeightQuantPass(Pass):
                 result.misses.append(f"{node.name or node.op_type}: {reason}")
                 continue
             key = (id(weight), rows)
-            targets.setdefault(key, Target(weight, rows)).uses.append(Use(node, rule, via))
+            targets.setdefault(key, WeightSite(weight, rows)).uses.append(Use(node, rule, via))
         skipped = sum(n for rule, n in result.counts.items() if rule.startswith("skipped-"))
         if skipped:
             result.notes.append(f"{skipped} weight uses left in float (see --explain)")
@@ -163,7 +163,7 @@ def _weight_of(node: ir.Node) -> tuple[ir.Value, bool, str] | None:
     return (source, True, "matmul-transposed") if perm in (None, [1, 0], (1, 0)) else None
 
 
-def weight_rows(target: Target, *, stream: bool = True) -> np.ndarray | FileRows:
+def weight_rows(target: WeightSite, *, stream: bool = True) -> np.ndarray | FileRows:
     """The weight as rows ``[N, K]``, read nowhere yet.
 
     A weight in external data comes as a :class:`FileRows` reader of slabs when ``stream``;
@@ -207,7 +207,7 @@ class FileRows:
         return data.reshape(stop - start, width)
 
 
-def _drop_if_unused(target: Target) -> None:
+def _drop_if_unused(target: WeightSite) -> None:
     """Remove bypassed Transposes and the float initializer once nothing reads them.
 
     An external tensor also lets go of its memory map (it maps again if read later).
@@ -241,7 +241,7 @@ def add_initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir
     return value
 
 
-def owner(target: Target) -> ir.Graph:
+def owner(target: WeightSite) -> ir.Graph:
     graph = target.weight.graph
     return graph if graph is not None else target.uses[0].node.graph
 
@@ -312,7 +312,7 @@ class QuantInt4Pass(WeightQuantPass):
             return super().prepare(model, result)
         return require_opset(model, 21, result)
 
-    def rewrite(self, model: ir.Model, target: Target, counts: dict[str, int]) -> int:
+    def rewrite(self, model: ir.Model, target: WeightSite, counts: dict[str, int]) -> int:
         quant = self.quantize(weight_rows(target))
         if self.format == "qdq":
             return to_dequantize_linear(target, quant, counts)
@@ -335,7 +335,7 @@ def require_opset(model: ir.Model, opset: int, result: PassResult) -> bool:
 
 
 def to_matmul_nbits(
-    target: Target, quant: blocks.Blockwise, accuracy_level: int, counts: dict[str, int]
+    target: WeightSite, quant: blocks.Blockwise, accuracy_level: int, counts: dict[str, int]
 ) -> int:
     """Every use becomes ``MatMulNBits(A, B, scales, [zero_points], bias)``."""
     graph, name = owner(target), target.weight.name
@@ -370,7 +370,7 @@ class FusedOp:
     attributes: dict
     inputs: Callable[[ir.Value, ir.Value, ir.Value | None], list[ir.Value | None]]
 
-    def replace_uses(self, target: Target, scales: np.ndarray, counts: dict[str, int]) -> int:
+    def replace_uses(self, target: WeightSite, scales: np.ndarray, counts: dict[str, int]) -> int:
         """Replace every use; Gemm ``alpha`` scales the scales, ``beta * C`` becomes the bias.
 
         Returns the bytes of the scales and biases added.
@@ -414,7 +414,9 @@ def _add_c(graph: ir.Graph, node: ir.Node, y: ir.Value, dtype: np.dtype) -> list
     return [mul, ir.node("Add", [y, mul.outputs[0]])]
 
 
-def to_dequantize_linear(target: Target, quant: blocks.Blockwise, counts: dict[str, int]) -> int:
+def to_dequantize_linear(
+    target: WeightSite, quant: blocks.Blockwise, counts: dict[str, int]
+) -> int:
     """Every use reads ``DequantizeLinear(q, scales, [zp], axis=0, block_size)``, ``[K, N]``."""
     graph, name = owner(target), target.weight.name
     tensors = packing.dequantize_linear_int4(quant)
@@ -432,7 +434,7 @@ def to_dequantize_linear(target: Target, quant: blocks.Blockwise, counts: dict[s
 
 
 def wire_dequantized(
-    target: Target, inputs: list[ir.Value], attributes: dict, counts: dict[str, int]
+    target: WeightSite, inputs: list[ir.Value], attributes: dict, counts: dict[str, int]
 ) -> int:
     """Insert one DequantizeLinear per graph that uses the weight; each use reads ``[K, N]``."""
     outputs: dict[int, ir.Value] = {}

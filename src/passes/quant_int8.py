@@ -11,7 +11,7 @@ from onnxopt.pass_api import PassResult
 from onnxopt.passes.quant_int4 import (
     FusedOp,
     QuantInt4Pass,
-    Target,
+    WeightSite,
     add_initializer,
     owner,
     require_opset,
@@ -56,7 +56,7 @@ class QuantInt8Pass(QuantInt4Pass):
             return require_opset(model, 13, result)
         return super(QuantInt4Pass, self).prepare(model, result)
 
-    def rewrite(self, model: ir.Model, target: Target, counts: dict[str, int]) -> int:
+    def rewrite(self, model: ir.Model, target: WeightSite, counts: dict[str, int]) -> int:
         if self.format == "matmulnbits":
             quant = self.quantize(weight_rows(target))
             return to_matmul_nbits(target, quant, self.accuracy_level, counts)
@@ -67,7 +67,7 @@ class QuantInt8Pass(QuantInt4Pass):
 
 
 def _to_dequantize_linear(
-    target: Target, q: np.ndarray, scales: np.ndarray, counts: dict[str, int]
+    target: WeightSite, q: np.ndarray, scales: np.ndarray, counts: dict[str, int]
 ) -> int:
     """Every use reads ``DequantizeLinear(q[K, N], scales[N], axis=1)``."""
     graph, name = owner(target), target.weight.name
@@ -79,7 +79,9 @@ def _to_dequantize_linear(
     return wire_dequantized(target, inputs, {"axis": 1}, counts)
 
 
-def _to_dynamic(target: Target, q: np.ndarray, scales: np.ndarray, counts: dict[str, int]) -> int:
+def _to_dynamic(
+    target: WeightSite, q: np.ndarray, scales: np.ndarray, counts: dict[str, int]
+) -> int:
     """Every use becomes ``DynamicQuantizeMatMul(A, q[K, N], scales[N], -, bias)``."""
     b = add_initializer(owner(target), f"{target.weight.name}_q8", ir.tensor(q.T.copy()))
 

@@ -285,7 +285,9 @@ def test_external_weights_read_in_slabs_give_the_same_model(rng, tmp_path, trans
     path = model_io.save(model, tmp_path / "m.onnx", external_data=True)
     lazy = model_io.load(path)
     tensor = lazy.graph.initializers["b"].const_value
-    rows = quant_int4.weight_rows(quant_int4.Target(lazy.graph.initializers["b"], bool(trans_b)))
+    rows = quant_int4.weight_rows(
+        quant_int4.WeightSite(lazy.graph.initializers["b"], bool(trans_b))
+    )
     assert isinstance(rows, quant_int4.FileRows) and rows.shape == (N, K)
     expected = np.array(tensor.numpy() if trans_b else tensor.numpy().T)
     np.testing.assert_array_equal(rows[slice(3, 9), slice(10, 50)], expected[3:9, 10:50])
