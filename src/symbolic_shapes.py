@@ -59,6 +59,8 @@ def unify_dims(graph: ir.Graph) -> int:
                 _learn(found, _broadcast_dims(node.inputs), node.outputs[0])
             elif node.op_type == "MatMul":
                 _learn(found, _matmul_dims(node), node.outputs[0])
+            elif node.op_type in ("Conv", "MaxPool", "AveragePool", "LpPool"):
+                _learn(found, _window_dims(node), node.outputs[0])
             elif node.op_type == "Expand":
                 _learn(found, _expand_dims(node, vectors), node.outputs[0])
             elif node.op_type == "Slice":
@@ -286,6 +288,38 @@ def _expand_dims(node: ir.Node, vectors: dict[ir.Value, _Vec]) -> list[Elem] | N
     if vec is None or vec.scalar or node.inputs[0] is None:
         return None
     return _broadcast_dims([node.inputs[0], ir.Shape(list(vec.elems))])
+
+
+def _window_dims(node: ir.Node) -> list[Elem] | None:
+    """Conv and pools: batch kept, channels from the weight (or kept), and every spatial dim
+    kept where the window slides with stride 1 and the padding adds back what it takes."""
+    x = node.inputs[0]
+    w = node.inputs[1] if node.op_type == "Conv" and len(node.inputs) > 1 else None
+    if x is None or x.shape is None or len(x.shape) < 3:
+        return None
+    spatial = len(x.shape) - 2
+    attrs = node.attributes
+    kernel = attrs.get_ints("kernel_shape", None)
+    if kernel is None and w is not None and w.shape is not None and len(w.shape) == spatial + 2:
+        kernel = [d if isinstance(d, int) else None for d in list(w.shape)[2:]]
+    if kernel is None or len(kernel) != spatial:
+        return None
+    strides = attrs.get_ints("strides", [1] * spatial)
+    dilations = attrs.get_ints("dilations", [1] * spatial)
+    pads = attrs.get_ints("pads", [0] * 2 * spatial)
+    auto_pad = attrs.get_string("auto_pad", "NOTSET")
+    dims: list[Elem] = [_dim(x.shape[0])]
+    if node.op_type == "Conv":
+        dims.append(_dim(w.shape[0]) if w is not None and w.shape is not None else None)
+    else:
+        dims.append(_dim(x.shape[1]))
+    for i in range(spatial):
+        taken = None if kernel[i] is None else dilations[i] * (kernel[i] - 1)
+        same = auto_pad in ("SAME_UPPER", "SAME_LOWER") or (
+            auto_pad == "NOTSET" and taken is not None and pads[i] + pads[i + spatial] == taken
+        )
+        dims.append(_dim(x.shape[i + 2]) if strides[i] == 1 and same else None)
+    return dims
 
 
 def _matmul_dims(node: ir.Node) -> list[Elem] | None:

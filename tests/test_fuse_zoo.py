@@ -27,14 +27,11 @@ GROUPS = {
 }
 # What each model cannot fuse yet, and why; strict, so a fix makes the test fail until removed.
 _EMBEDDINGS = "the position embeddings' sequence dim is not provably the input's (Min(64, seq))"
-_CONV_SEQ = "shape inference loses the conv module's sequence dim, so residual shapes are unproven"
+_POS_CONV = "the positional conv's trailing Slice (SamePad) loses the sequence dim"
 KNOWN_MISSES: dict[tuple[str, str], str] = {
     ("bert_ts.onnx", "skip-norm"): _EMBEDDINGS,
     ("bert_dynamo.onnx", "skip-norm"): _EMBEDDINGS,
-    ("wav2vec2_ts.onnx", "skip-norm"): _CONV_SEQ + " (positional conv Add)",
-    ("conformer_ts.onnx", "skip-norm"): _CONV_SEQ,
-    ("conformer_rotary_ts.onnx", "skip-norm"): _CONV_SEQ,
-    ("parakeet_ts.onnx", "skip-norm"): _CONV_SEQ,
+    ("wav2vec2_ts.onnx", "skip-norm"): _POS_CONV,
     ("gpt2_ts.onnx", "skip-norm"): "the causal-mask Expand loses the batch dim of the attention",
     ("gpt2_kv_ts.onnx", "skip-norm"): "the causal-mask Expand loses the batch dim of the attention",
 }

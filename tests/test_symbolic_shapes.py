@@ -48,3 +48,26 @@ def test_a_minus_one_that_does_not_cancel_stays_unknown() -> None:
     InferShapesPass()(model)
     assert _dims(model, "y")[0] not in ("batch", "seq")
     assert _dims(model, "y")[1] == "3"
+
+
+def test_a_same_padded_conv_keeps_the_length_a_strided_one_does_not() -> None:
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["same"], pads=[3, 3], group=4),
+        helper.make_node("Conv", ["x", "w"], ["strided"], pads=[3, 3], group=4, strides=[2]),
+        helper.make_node("Add", ["same", "x"], ["y"]),
+    ]
+    inits = {"w": rng.standard_normal((4, 1, 7)).astype(np.float32)}
+    model = make_model(
+        nodes,
+        {"x": (FLOAT, ["batch", 4, "time"])},
+        {"y": (FLOAT, None), "strided": (FLOAT, None)},
+        inits,
+    )
+    feeds = {"x": rng.standard_normal((2, 4, 9)).astype(np.float32)}
+    before = run(model, feeds)
+    InferShapesPass()(model)
+    assert _dims(model, "same") == ["batch", "4", "time"]  # ONNX alone: [batch, 4, unk__0]
+    assert _dims(model, "y") == ["batch", "4", "time"]
+    assert _dims(model, "strided")[2] != "time"
+    assert_same_outputs(before, run(model, feeds))
