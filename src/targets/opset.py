@@ -35,8 +35,22 @@ def convert_opset(model: ir.Model, opset: int) -> str | None:
     with _quiet("onnxscript.version_converter"):
         ConvertVersionPass(target_version=opset, fallback=True)(model)
     if model.opset_imports.get("", 1) == opset:
+        _drop_default_attributes_unknown_at(model, opset)
         return None
     return _move_compatible_nodes(model, opset)
+
+
+def _drop_default_attributes_unknown_at(model: ir.Model, opset: int) -> None:
+    """Attributes newer than ``opset`` that hold their default go (a converter may keep them:
+    onnxscript leaves ``noop_with_empty_axes=0`` on a ReduceMean moved below 18)."""
+    for node in model.graph.all_nodes():
+        if node.domain not in ("", "ai.onnx") or not onnx.defs.has(node.op_type, opset, ""):
+            continue
+        declared = onnx.defs.get_schema(node.op_type, opset, "").attributes
+        newest = onnx.defs.get_schema(node.op_type, "")
+        for name in [n for n in node.attributes if n not in declared]:
+            if _is_default(node.attributes[name], newest):
+                del node.attributes[name]
 
 
 def _move_compatible_nodes(model: ir.Model, opset: int) -> str | None:

@@ -114,14 +114,15 @@ def test_attention_not_applicable(attrs: dict, shapes: tuple, reason: str) -> No
     assert all(reasons) and any(reason in r for r in reasons), reasons
 
 
+@pytest.mark.parametrize("bnsh_kv", [False, True])
 @pytest.mark.parametrize("attention_bias", [False, True])
 @pytest.mark.parametrize("scale", [None, 0.2])
-def test_multi_head_attention(attention_bias: bool, scale: float | None, rng) -> None:
+def test_multi_head_attention(attention_bias: bool, scale: float | None, bnsh_kv, rng) -> None:
     batch, heads, q_len, kv_len = 2, 4, 3, 5
     inputs = {
         "q": (FLOAT, [batch, q_len, heads * 8]),
-        "k": (FLOAT, [batch, kv_len, heads * 8]),
-        "v": (FLOAT, [batch, kv_len, heads * 6]),
+        "k": (FLOAT, [batch, heads, kv_len, 8] if bnsh_kv else [batch, kv_len, heads * 8]),
+        "v": (FLOAT, [batch, heads, kv_len, 8] if bnsh_kv else [batch, kv_len, heads * 6]),
     }
     names = list(inputs)
     if attention_bias:

@@ -85,3 +85,16 @@ def test_allowzero_is_moot_for_a_constant_shape_without_zeros() -> None:
     before = run(model, feeds)
     assert convert_opset(model, 13) is None
     assert_same_outputs(before, run(model, feeds))
+
+
+def test_an_attribute_newer_than_the_target_opset_is_dropped_at_its_default() -> None:
+    nodes = [helper.make_node("ReduceMean", ["x", "axes"], ["y"], noop_with_empty_axes=0)]
+    inits = {"axes": np.array([-1], np.int64)}
+    model = make_model(nodes, {"x": (FLOAT, [2, 3])}, {"y": (FLOAT, [2, 1])}, inits, opset=18)
+    feeds = {"x": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    before = run(model, feeds)
+    assert convert_opset(model, 17) is None
+    (node,) = list(model.graph)
+    assert "noop_with_empty_axes" not in node.attributes  # ReduceMean-13 has no such attribute
+    assert list(node.attributes["axes"].value) == [-1]
+    assert_same_outputs(before, run(model, feeds))

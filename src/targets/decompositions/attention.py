@@ -13,9 +13,9 @@ ORT's CPU kernel, a 2D ``mask_index`` (key padding, > 0 kept) adds ``mask_filter
 Not covered (the op is left alone): past key/value, softcap, nonpad_kv_seqlen, grouped-query
 heads (fewer KV heads than Q heads), a mask shorter than the key sequence, 3D inputs with
 both a mask and ``is_causal``; MultiHeadAttention with packed QKV/KV, bias, key_padding_mask,
-past or unidirectional; com.microsoft Attention without bias, with past, attention_bias,
-do_rotary, unequal qkv_hidden_sizes, or a mask_index that is not 2D (sequence lengths,
-3D or 4D masks).
+past or unidirectional (its key/value may be 3D or 4D BNSH); com.microsoft Attention without
+bias, with past, attention_bias, do_rotary, unequal qkv_hidden_sizes, or a mask_index that is
+not 2D (sequence lengths, 3D or 4D masks).
 """
 
 from __future__ import annotations
@@ -245,12 +245,16 @@ def attention_3d_bool_mask(
     return _merge_heads(_attend(scores, _heads(V, num_heads=q_num_heads)))
 
 
-def _mha_applies(attention_bias: bool) -> Callable[[ir.Node], str | None]:
-    """MultiHeadAttention with separate 3D query/key/value, with or without attention_bias."""
+def _mha_applies(attention_bias: bool, kv_rank: int = 3) -> Callable[[ir.Node], str | None]:
+    """MultiHeadAttention with a 3D query and separate key/value, 3D or 4D (BNSH: already
+    split into heads, as fuse-attention passes them after a cache Concat or rotary), with or
+    without attention_bias."""
 
     def check(node: ir.Node) -> str | None:
-        if len(node.inputs) < 3 or any(_rank(v) != 3 for v in node.inputs[:3] if v is not None):
-            return "query, key, value not known to be separate 3D tensors"
+        if len(node.inputs) < 3 or _rank(node.inputs[0]) != 3:
+            return "query not known to be 3D"
+        if any(_rank(v) != kv_rank for v in node.inputs[1:3] if v is not None):
+            return f"key, value not known to be separate {kv_rank}D tensors"
         if node.inputs[1] is None or node.inputs[2] is None:
             return "packed QKV"
         if any(_present(node, i) for i in (3, 4, 6, 7, 8, 9)):
@@ -306,6 +310,48 @@ def multi_head_attention_bias(
     q, k = _heads(query, num_heads=num_heads), _heads(key, num_heads=num_heads)
     scores = _scores(q, k, scale=scale) + attention_bias
     return _merge_heads(op.MatMul(op.Softmax(scores, axis=-1), _heads(value, num_heads=num_heads)))
+
+
+@register("com.microsoft", "MultiHeadAttention", applies=_mha_applies(False, kv_rank=4))
+@script(default_opset=op)
+def multi_head_attention_bnsh_kv(
+    query,
+    key,
+    value,
+    bias,
+    key_padding_mask,
+    attention_bias,
+    past_key,
+    past_value,
+    past_sequence_length,
+    cache_indirection,
+    num_heads: int,
+    scale: float = 0.0,
+):
+    """As ``multi_head_attention`` with key and value given as [batch, heads, kv_seq, size]."""
+    scores = _scores(_heads(query, num_heads=num_heads), key, scale=scale)
+    return _merge_heads(op.MatMul(op.Softmax(scores, axis=-1), value))
+
+
+@register("com.microsoft", "MultiHeadAttention", applies=_mha_applies(True, kv_rank=4))
+@script(default_opset=op)
+def multi_head_attention_bnsh_kv_bias(
+    query,
+    key,
+    value,
+    bias,
+    key_padding_mask,
+    attention_bias,
+    past_key,
+    past_value,
+    past_sequence_length,
+    cache_indirection,
+    num_heads: int,
+    scale: float = 0.0,
+):
+    """As ``multi_head_attention_bias`` with key and value as [batch, heads, kv_seq, size]."""
+    scores = _scores(_heads(query, num_heads=num_heads), key, scale=scale) + attention_bias
+    return _merge_heads(op.MatMul(op.Softmax(scores, axis=-1), value))
 
 
 _MS_BIAS, _MS_MASK, _MS_PAST, _MS_ATTENTION_BIAS, _MS_PAST_LENGTH = 2, 3, 4, 5, 6
