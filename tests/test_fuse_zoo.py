@@ -103,3 +103,19 @@ def test_a_standard_target_gets_only_standard_ops(fused, name: str) -> None:
     assert report.ok, [(p.name, p.reason) for p in report.failed]
     assert not [op for op in op_histogram(model) if "::" in op]
     assert set(model.opset_imports) == {""}
+
+
+@pytest.mark.parametrize(
+    "name", ["gpt2_kv_dynamo.onnx", "llama_kv_dynamo.onnx", "conformer_dynamo.onnx"]
+)
+def test_lower_undoes_the_ort_fusions_for_a_standard_runtime(name: str) -> None:
+    from onnxopt.targets import load_target
+    from onnxopt.targets.check import unsupported
+
+    stem = name.removesuffix(".onnx")
+    model, report = onnxopt.optimize(
+        ZOO / name, "fuse,lower(target=onnx-17)", golden=ZOO / f"{stem}.golden"
+    )
+    assert report.ok, [(p.name, p.reason) for p in report.failed]
+    assert report.passes[-1].counts.get("MultiHeadAttention", 0) == 2
+    assert unsupported(model, load_target("onnx-17")) == []

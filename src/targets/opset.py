@@ -177,11 +177,24 @@ def _is_default(attr: ir.Attr, schema: onnx.defs.OpSchema) -> bool:
 
 
 def _is_moot(node: ir.Node, attribute: str) -> bool:
-    """Reshape's allowzero only matters when the constant target shape holds a 0."""
-    if node.op_type != "Reshape" or attribute != "allowzero":
-        return False
-    shape = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] else None
-    return shape is not None and 0 not in shape.numpy().tolist()
+    """An attribute the older op does not need to mean the same thing.
+
+    Reshape's ``allowzero`` only matters when the constant target shape holds a 0; Split-18's
+    ``num_outputs`` says what Split-13 does without it (equal parts, one per output) when the
+    split axis has a static size those outputs divide evenly.
+    """
+    if node.op_type == "Reshape" and attribute == "allowzero":
+        shape = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] else None
+        return shape is not None and 0 not in shape.numpy().tolist()
+    if node.op_type == "Split" and attribute == "num_outputs":
+        parts, data = node.attributes.get_int("num_outputs"), node.inputs[0]
+        if parts != len(node.outputs) or (len(node.inputs) > 1 and node.inputs[1] is not None):
+            return False
+        if data is None or data.shape is None:
+            return False
+        size = data.shape[node.attributes.get_int("axis", 0)]
+        return isinstance(size, int) and size % parts == 0
+    return False
 
 
 def _drop_attributes_unknown_at(node: ir.Node, opset: int) -> None:

@@ -98,3 +98,22 @@ def test_an_attribute_newer_than_the_target_opset_is_dropped_at_its_default() ->
     assert "noop_with_empty_axes" not in node.attributes  # ReduceMean-13 has no such attribute
     assert list(node.attributes["axes"].value) == [-1]
     assert_same_outputs(before, run(model, feeds))
+
+
+def test_split_into_equal_parts_moves_below_opset_18() -> None:
+    nodes = [helper.make_node("Split", ["x"], ["a", "b", "c"], axis=1, num_outputs=3)]
+    outputs = {n: (FLOAT, ["batch", 2]) for n in "abc"}
+    model = make_model(nodes, {"x": (FLOAT, ["batch", 6])}, outputs, opset=18)
+    feeds = {"x": np.arange(12, dtype=np.float32).reshape(2, 6)}
+    before = run(model, feeds)
+    assert convert_opset(model, 17) is None
+    assert "num_outputs" not in next(iter(model.graph)).attributes
+    assert_same_outputs(before, run(model, feeds))
+
+
+def test_split_into_uneven_parts_is_named() -> None:
+    nodes = [helper.make_node("Split", ["x"], ["a", "b", "c"], axis=1, num_outputs=3)]
+    outputs = {n: (FLOAT, None) for n in "abc"}
+    model = make_model(nodes, {"x": (FLOAT, ["batch", 7])}, outputs, opset=18)
+    problem = convert_opset(model, 17)
+    assert problem is not None and "num_outputs" in problem
