@@ -49,7 +49,6 @@ from onnxopt.metrics import DEFAULT_TOLERANCES, compare
 from onnxopt.ort_runner import RunnableModel
 from onnxopt.pass_api import Pass, PassResult
 from onnxopt.passes.infer_shapes import InferShapesPass
-from onnxopt.registry import register_pass
 
 METADATA_KEY = "onnxopt.streaming"
 _MAX_CHUNKS = 256  # chunks per verification run; smaller chunk sizes are scaled up to keep this
@@ -2056,21 +2055,3 @@ def _mark_time_dims(an: Analysis) -> None:
         if info.key_axis is not None:
             dims[info.key_axis] = None
         value.shape = ir.Shape(dims)
-
-
-@register_pass
-class StreamPass(StreamPassBase):
-    """Make a causal model streaming: RNN states, conv caches and attention caches alike.
-
-    Runs the rules of ``stream-rnn``, ``stream-conv`` and ``stream-attention`` together, as a
-    model mixing them (a conformer: attention and convs) only streams when all are rewritten.
-    """
-
-    name = "stream"
-    families = frozenset(FAMILY_PASSES)
-    left_context: int | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.left_context is not None and self.left_context < 0:
-            raise ValueError(f"left_context must be 0 or more, not {self.left_context}")

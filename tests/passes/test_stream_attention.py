@@ -9,8 +9,9 @@ from conftest import FLOAT, make_model
 from onnx import helper
 
 from onnxopt import Pipeline, UnsupportedModelError, UsageError
+from onnxopt.passes.stream import StreamPass
 from onnxopt.passes.stream_attention import StreamAttentionPass, band_of
-from onnxopt.streaming import StreamPass, StreamSpec, offline_difference
+from onnxopt.streaming import StreamSpec, offline_difference
 
 D, HEADS, TMAX = 8, 2, 256
 
