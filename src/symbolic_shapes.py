@@ -66,6 +66,8 @@ def unify_dims(graph: ir.Graph) -> int:
             elif node.op_type == "Slice":
                 _learn(found, _slice_dims(node, vectors), node.outputs[0])
         subs = {name: new for name, new in found.items() if new is not None}
+        # Two made-up names proven equal both ways: keep one direction, or they would swap.
+        subs = {n: v for n, v in subs.items() if not (subs.get(v) == n and n < str(v))}
         if not subs:
             break
         _substitute(graph, subs)
