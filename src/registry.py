@@ -21,6 +21,7 @@ _BUILTIN: dict[str, str] = {
     "fuse-bias": "onnxopt.passes.fuse_bias",
     "quant-int4": "onnxopt.passes.quant_int4",
     "quant-int8": "onnxopt.passes.quant_int8",
+    "fp16": "onnxopt.passes.fp16",
     "stream": "onnxopt.passes.stream",
     "stream-rnn": "onnxopt.passes.stream_rnn",
     "stream-conv": "onnxopt.passes.stream_conv",
