@@ -7,6 +7,7 @@ The helpers here (statistics, axes, affine parameters) are shared with ``fuse-rm
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
@@ -307,12 +308,30 @@ VARIANTS += [(False, True, 0), (False, True, 1)] + [(False, False, i) for i in r
 # --- LayerNormalization ------------------------------------------------------------------------
 
 
-class _LayerNorm(pattern.RewriteRuleClassBase):
+class NormRule(pattern.RewriteRuleClassBase):
+    """A decomposed norm of one ``variant``; ``check`` keeps the matched Norm for ``rewrite``."""
+
+    dtypes: ClassVar[tuple[ir.DataType, ...]] = ()
+
+    def __init__(self, variant: tuple[bool, bool, int], name: str) -> None:
+        super().__init__(name)
+        self.variant = variant
+
+    def check(self, context, **vals) -> pattern.MatchResult:
+        norm = match_norm(vals, self.variant, self.dtypes)
+        if isinstance(norm, pattern.MatchResult):
+            return norm
+        self._norm = norm
+        return pattern.MatchResult()
+
+
+class _LayerNorm(NormRule):
     """mean, x - mean, its variance, normalized, [Cast back], [* scale], [+ bias]."""
 
+    dtypes = LN_DTYPES
+
     def __init__(self, variant: tuple[bool, bool, int]) -> None:
-        super().__init__(variant_name(variant))
-        self.variant = variant
+        super().__init__(variant, variant_name(variant))
 
     def pattern(self, op, xc, two, eps, one, scale, bias):
         mean = op.ReduceMean(xc, _allow_other_inputs=True, _outputs=["mean"])
@@ -320,13 +339,6 @@ class _LayerNorm(pattern.RewriteRuleClassBase):
         dc = pattern.OrValue([op.Cast(d), d])
         std = stats_pattern(op, dc, two, eps)
         return norm_tail(op, dc, std, one, scale, bias, self.variant)
-
-    def check(self, context, **vals) -> pattern.MatchResult:
-        norm = match_norm(vals, self.variant, LN_DTYPES)
-        if isinstance(norm, pattern.MatchResult):
-            return norm
-        self._norm = norm
-        return pattern.MatchResult()
 
     def rewrite(self, op, **_):
         n = self._norm

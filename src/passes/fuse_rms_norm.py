@@ -9,6 +9,7 @@ from onnxopt.fusion import Fusion, FusionPass
 from onnxopt.passes.fuse_layer_norm import (
     FLOAT,
     Norm,
+    NormRule,
     match_norm,
     norm_tail,
     stats_pattern,
@@ -41,22 +42,16 @@ def match_rms(vals: dict, variant: tuple[bool, bool, int]) -> Norm | pattern.Mat
     return match_norm(vals, variant, RMS_DTYPES)
 
 
-class _RmsNorm(pattern.RewriteRuleClassBase):
+class _RmsNorm(NormRule):
     """x (or Cast(x)), its root mean square, normalized, [Cast back], [* weight]."""
 
+    dtypes = RMS_DTYPES
+
     def __init__(self, variant: tuple[bool, bool, int]) -> None:
-        super().__init__(rms_variant_name(variant))
-        self.variant = variant
+        super().__init__(variant, rms_variant_name(variant))
 
     def pattern(self, op, xc, two, eps, one, scale):
         return rms_pattern(op, xc, two, eps, one, scale, self.variant)
-
-    def check(self, context, **vals) -> pattern.MatchResult:
-        norm = match_rms(vals, self.variant)
-        if isinstance(norm, pattern.MatchResult):
-            return norm
-        self._norm = norm
-        return pattern.MatchResult()
 
     def rewrite(self, op, **_):
         n = self._norm
