@@ -1940,9 +1940,7 @@ def decompose_fused_attention(model: ir.Model) -> int:
         domain = "" if node.domain == "ai.onnx" else node.domain
         if (domain, node.op_type) not in FUSED_ATTENTION:
             continue
-        if node.op_type == "MultiHeadAttention":
-            _merge_kv_heads(model, node)
-        else:
+        if node.op_type == "Attention":
             _repeat_kv_heads(model, node)
         reasons = []
         for option in decomp.decompositions(domain, node.op_type):
@@ -1989,24 +1987,6 @@ def _repeat_kv_heads(model: ir.Model, node: ir.Node) -> None:
             gather.outputs[0].shape = ir.Shape([value.shape[0], heads, *value.shape[2:]])
         gather.outputs[0].dtype = value.dtype
         node.replace_input_with(slot, gather.outputs[0])
-
-
-def _merge_kv_heads(model: ir.Model, node: ir.Node) -> None:
-    """MultiHeadAttention's 4-D (BNSH) key and value as 3-D [B, T, N*H], as decomposed."""
-    for slot in (1, 2):
-        value = node.inputs[slot] if len(node.inputs) > slot else None
-        if value is None or value.shape is None or value.shape.rank() != 4:
-            continue
-        swap = ir.node("Transpose", [value], {"perm": [0, 2, 1, 3]}, name=f"{node.name}/bsnh{slot}")
-        shape = ir.Value(name=f"{node.name}/merged_shape{slot}", const_value=ir.tensor([0, 0, -1]))
-        model.graph.register_initializer(shape)
-        merge = ir.node("Reshape", [swap.outputs[0], shape], name=f"{node.name}/merged{slot}")
-        model.graph.insert_before(node, [swap, merge])
-        b, n, t, h = value.shape
-        width = n * h if isinstance(n, int) and isinstance(h, int) else None
-        merge.outputs[0].shape = ir.Shape([b, t, width])
-        merge.outputs[0].dtype = value.dtype
-        node.replace_input_with(slot, merge.outputs[0])
 
 
 def _broadcast_expands(rw: Rewrite) -> None:
