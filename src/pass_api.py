@@ -23,11 +23,13 @@ class PassResult(ir.passes.PassResult):
     """What a pass did: ``modified``, how often each rule fired, notes, and near misses.
 
     ``misses`` says why rules that almost matched did not fire (shown with ``--explain``).
+    ``layers`` has one dict per weight a weight pass changed (keys: ``PassReport.layers``).
     """
 
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
     misses: list[str] = dataclasses.field(default_factory=list)
+    layers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 class Pass(ir.passes.InPlacePass):

@@ -135,7 +135,7 @@ class Pipeline:
         model = result.model
         if isinstance(result, PassResult):
             entry.counts, entry.notes = dict(result.counts), list(result.notes)
-            entry.misses = list(result.misses)
+            entry.misses, entry.layers = list(result.misses), list(result.layers)
         entry.nodes_after = node_count(model)
         entry.bytes_after = model_io.weight_bytes(model)
         if not result.modified:

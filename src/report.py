@@ -27,6 +27,9 @@ class PassReport:
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
     misses: list[str] = dataclasses.field(default_factory=list)
+    layers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    """Per weight a weight pass changed: ``name``, ``precision``, ``shape``, ``bytes_before``,
+    ``bytes_after``, ``rel_error`` (relative L2 error of the weight), maybe more."""
     tolerance: str = ""
     metrics: dict[str, Any] | None = None
     reason: str = ""
