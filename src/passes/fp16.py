@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 F32, F16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 HALF = "tensor(float16)"
+LAYER_ELEMENTS = 4096  # weights this large get a line in the report (as quant min_elements)
 WAS_F32 = "fp16.was_f32"  # value meta: float16 now, float32 in the input model
 # Ops whose float16 results drift (exponentials, roots, long sums) or that make index data.
 SENSITIVE = [
@@ -113,7 +114,7 @@ class Fp16Pass(Pass):
             result.notes.append("If/Loop/Scan nodes, their bodies and what they read stay float32")
         if not any(plans.values()):
             return result
-        clamped = self._convert_constants(graph, plans, captured, result.counts)
+        clamped = self._convert_constants(graph, plans, captured, result)
         _insert_casts(graph, plans, result.counts)
         _cast_outputs(graph, result.counts)
         _remove_cancelling_casts(graph, result.counts)
@@ -155,9 +156,12 @@ class Fp16Pass(Pass):
             return "excluded"
         return "kept-fp32" if node.op_type in self.keep_fp32_ops else ""
 
-    def _convert_constants(self, graph, plans, captured, counts) -> int:
-        """Weights read only at float16 inputs become float16, one tensor at a time."""
-        clamped = 0
+    def _convert_constants(self, graph, plans, captured, result: PassResult) -> int:
+        """Weights read only at float16 inputs become float16, one tensor at a time.
+
+        Weights of at least ``LAYER_ELEMENTS`` values get a line in ``result.layers``.
+        """
+        counts, clamped = result.counts, 0
         for value, tensor in _constants(graph):
             if tensor is None or tensor.dtype != F32 or id(value) in captured:
                 continue
@@ -167,6 +171,8 @@ class Fp16Pass(Pass):
                 continue
             new, over = _to_half(tensor)
             clamped += over
+            if tensor.size >= LAYER_ELEMENTS:
+                result.layers.append(_layer(value, tensor, new))
             producer = value.producer()
             if producer is None:
                 value.const_value = new
@@ -188,6 +194,24 @@ def _to_half(tensor: ir.TensorProtocol) -> tuple[ir.Tensor, int]:
     over = int(np.count_nonzero(np.abs(array) > FP16_MAX))
     half = np.clip(array, -FP16_MAX, FP16_MAX) if over else array
     return ir.tensor(half.astype(np.float16), name=tensor.name), over
+
+
+def _layer(value: ir.Value, tensor: ir.TensorProtocol, half: ir.Tensor) -> dict:
+    """The report's line for one weight (``PassReport.layers``), with its rounding error."""
+    array = tensor.numpy().astype(np.float32)
+    diff = half.numpy().astype(np.float32) - array
+    signal = float(np.vdot(array, array))
+    error = float(np.sqrt(np.vdot(diff, diff) / signal)) if signal > 0 else 0.0
+    return {
+        "name": value.name,
+        "nodes": [use.node.name or use.node.op_type for use in value.uses()],
+        "precision": "fp16",
+        "format": "float16",
+        "shape": list(tensor.shape.numpy()),
+        "bytes_before": tensor.nbytes,
+        "bytes_after": half.nbytes,
+        "rel_error": error,
+    }
 
 
 def _release(tensor: ir.TensorProtocol) -> None:

@@ -8,9 +8,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.pass_api import PassResult
-from onnxopt.passes.quant_int4 import (
+from onnxopt.passes._weight_quant import (
     FusedOp,
-    QuantInt4Pass,
     WeightSite,
     add_initializer,
     owner,
@@ -19,6 +18,7 @@ from onnxopt.passes.quant_int4 import (
     weight_rows,
     wire_dequantized,
 )
+from onnxopt.passes.quant_int4 import QuantInt4Pass
 from onnxopt.quant import blocks
 from onnxopt.registry import register_pass
 
@@ -56,14 +56,18 @@ class QuantInt8Pass(QuantInt4Pass):
             return require_opset(model, 13, result)
         return super(QuantInt4Pass, self).prepare(model, result)
 
-    def rewrite(self, model: ir.Model, target: WeightSite, counts: dict[str, int]) -> int:
+    def rewrite(
+        self, model: ir.Model, target: WeightSite, counts: dict[str, int]
+    ) -> tuple[int, float | None]:
         if self.format == "matmulnbits":
             quant = self.quantize(weight_rows(target))
-            return to_matmul_nbits(target, quant, self.accuracy_level, counts)
-        q, scales = blocks.per_channel_int8(weight_rows(target, stream=False))  # [N, K], [N]
+            return to_matmul_nbits(target, quant, self.accuracy_level, counts), quant.rel_error
+        rows = weight_rows(target, stream=False)
+        q, scales = blocks.per_channel_int8(rows)  # [N, K], [N]
+        error = blocks.relative_error(rows, q, scales)
         if self.format == "qdq":
-            return _to_dequantize_linear(target, q, scales, counts)
-        return _to_dynamic(target, q, scales, counts)
+            return _to_dequantize_linear(target, q, scales, counts), error
+        return _to_dynamic(target, q, scales, counts), error
 
 
 def _to_dequantize_linear(

@@ -32,7 +32,8 @@ class Blockwise:
     """Codes ``[N, k_blocks, block]`` (uint8), scales ``[N, k_blocks]`` (float32), zero points.
 
     ``zero_points`` is ``[N, k_blocks]`` uint8, or None for symmetric blocks (``2**(bits-1)``).
-    ``k`` is the unpadded row length.
+    ``k`` is the unpadded row length. ``rel_error`` is ``||dequantize() - rows|| / ||rows||``,
+    measured while quantizing (None when not measured).
     """
 
     codes: np.ndarray
@@ -40,6 +41,7 @@ class Blockwise:
     zero_points: np.ndarray | None
     bits: int
     k: int
+    rel_error: float | None = None
 
     @property
     def n(self) -> int:
@@ -163,6 +165,7 @@ def quantize_rows(
     scales = np.empty((n, kb), dtype=np.float32)
     zero_points = None if symmetric else np.empty((n, kb), dtype=np.uint8)
     mask = pad_mask(k, block)
+    sums: list[tuple[float, float]] = []  # (squared error, squared signal) per piece
 
     def work(piece: tuple[slice, slice]) -> None:
         rs, bs = piece
@@ -170,13 +173,15 @@ def quantize_rows(
         x = padded_blocks(part, block)
         count, piece_kb = x.shape[:2]
         x = x.reshape(-1, block)
+        real = np.tile(mask[bs], (count, 1))
         weights = importance(x) if importance is not None else np.ones_like(x)
-        weights *= np.tile(mask[bs], (count, 1))
+        weights *= real
         q, s, z = kernel(x, weights, bits, symmetric)
         codes[rs, bs] = q.reshape(count, piece_kb, block)
         scales[rs, bs] = s.reshape(count, piece_kb)
         if zero_points is not None:
             zero_points[rs, bs] = z.reshape(count, piece_kb)
+        sums.append(_squared_error(x, real, q, s, z, bits))
 
     if along_k is None:
         along_k = rows.T.flags.c_contiguous and not rows.flags.c_contiguous
@@ -191,7 +196,19 @@ def quantize_rows(
     if k % block:
         pad_code = zero_points[:, -1:] if zero_points is not None else 1 << (bits - 1)
         codes[:, -1, k % block :] = pad_code
-    return Blockwise(codes, scales, zero_points, bits, k)
+    error, signal = np.sum(sums, axis=0) if sums else (0.0, 0.0)
+    rel_error = float(np.sqrt(error / signal)) if signal > 0 else 0.0
+    return Blockwise(codes, scales, zero_points, bits, k, rel_error)
+
+
+def _squared_error(
+    x: np.ndarray, real: np.ndarray, q: np.ndarray, s: np.ndarray, z: np.ndarray | None, bits: int
+) -> tuple[float, float]:
+    """Sums of squared reconstruction error and of squared values over the real (unpadded) x."""
+    zps = np.float32(1 << (bits - 1)) if z is None else z[:, None].astype(np.float32)
+    diff = (q.astype(np.float32) - zps) * s[:, None] - x
+    diff *= real
+    return float(np.einsum("ij,ij->", diff, diff)), float(np.einsum("ij,ij,ij->", x, x, real))
 
 
 def _pieces(n: int, block: int, kb: int, along_k: bool) -> list[tuple[slice, slice]]:
@@ -216,3 +233,11 @@ def per_channel_int8(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     inverse = np.divide(1.0, scales, out=np.zeros_like(scales), where=scales != 0)
     q = np.clip(np.rint(rows * inverse[:, None]), -127, 127).astype(np.int8)
     return q, scales
+
+
+def relative_error(rows: np.ndarray, q: np.ndarray, scales: np.ndarray) -> float:
+    """``||q * scales[:, None] - rows|| / ||rows||`` for per-row quantized ``rows [N, K]``."""
+    rows = np.asarray(rows, dtype=np.float32)
+    diff = q.astype(np.float32) * scales[:, None] - rows
+    signal = float(np.einsum("ij,ij->", rows, rows))
+    return float(np.sqrt(np.einsum("ij,ij->", diff, diff) / signal)) if signal > 0 else 0.0

@@ -208,3 +208,15 @@ def test_float16_model_is_left_alone(rng):
     w = rng.standard_normal((4, 2)).astype(np.float16)
     model = make_model(nodes, {"x": (half, [3, 4])}, {"y": (half, [3, 2])}, {"w": w})
     assert not Fp16Pass()(model).modified and op_types(model) == ["Exp", "MatMul"]
+
+
+def test_large_weights_get_a_layer_record_with_their_rounding_error(rng):
+    model = _mlp(rng, k=128, n=64)  # w1 has 8192 values: reported; b1, w2 are too small
+    w1 = model.graph.initializers["w1"].const_value.numpy().copy()
+    result = Fp16Pass()(model)
+    (layer,) = result.layers
+    rounded = w1.astype(np.float16).astype(np.float32)
+    expected = np.linalg.norm(rounded - w1) / np.linalg.norm(w1)
+    assert layer["name"] == "w1" and layer["nodes"] == ["mm1"] and layer["precision"] == "fp16"
+    assert layer["bytes_after"] * 2 == layer["bytes_before"] == w1.nbytes
+    assert layer["rel_error"] == pytest.approx(expected, rel=1e-5) and 0 < expected < 1e-3

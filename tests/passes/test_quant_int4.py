@@ -302,3 +302,16 @@ def test_external_weights_read_in_slabs_give_the_same_model(rng, tmp_path, trans
             lazy.graph.initializers[name].const_value.numpy(), value.const_value.numpy()
         )
     assert tensor.raw is None  # never memory-mapped
+
+
+@pytest.mark.parametrize("algo", ["rtn", "kquant"])
+def test_each_weight_gets_a_layer_record_with_its_true_error(rng, algo):
+    model, w = _matmul(rng, name="proj")
+    result = QuantInt4Pass(algo=algo, accuracy_level=0)(model)
+    (layer,) = result.layers
+    dequantized = _reference(w, algo=algo)
+    expected = np.linalg.norm(dequantized - w) / np.linalg.norm(w)
+    assert layer["name"] == "w" and layer["nodes"] == ["proj"] and layer["precision"] == "int4"
+    assert layer["shape"] == [K, N] and layer["bytes_before"] == w.nbytes
+    assert 0 < layer["bytes_after"] < w.nbytes / 4
+    assert layer["rel_error"] == pytest.approx(expected, rel=1e-4)

@@ -97,3 +97,14 @@ def test_float16_weights(rng, fmt, counts):
     x = rng.standard_normal((4, K)).astype(np.float16)
     y = run(model, {"x": x})["y"].astype(np.float32)
     assert _rel(y, x.astype(np.float32) @ w.astype(np.float32)) < 0.01
+
+
+@pytest.mark.parametrize("fmt", ["matmulnbits", "qdq", "dynamic"])
+def test_layer_record_error_is_the_weights_own(rng, fmt):
+    w = rng.standard_normal((64, 48)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")]
+    model = make_model(nodes, {"x": (FLOAT, [3, 64])}, {"y": (FLOAT, [3, 48])}, {"w": w})
+    result = QuantInt8Pass(format=fmt, min_elements=0)(model)
+    (layer,) = result.layers
+    assert layer["precision"] == "int8" and layer["format"] == fmt
+    assert 0 < layer["rel_error"] < 0.02  # 8 bits: well under 4 bits' ~0.1
