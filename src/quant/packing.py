@@ -1,4 +1,4 @@
-"""Byte layouts: com.microsoft MatMulNBits and standard INT4/UINT4 blocked DequantizeLinear.
+"""Byte layouts: com.microsoft MatMulNBits and GatherBlockQuantized, blocked DequantizeLinear.
 
 MatMulNBits (``Y = A @ W``, ``W[k, n] = (q[n, k] - zp[n, k // block]) * scale[n, k // block]``):
 
@@ -117,4 +117,39 @@ def dequantize_linear_int4(quant: Blockwise) -> dict[str, np.ndarray | bool]:
         result["signed"] = False
         result["data"] = pack_4bit_flat(codes)
         result["zero_points"] = pack_4bit_flat(quant.zero_points.T)
+    return result
+
+
+def gather_block_quantized(
+    quant: Blockwise, *, signed8: bool = False
+) -> dict[str, np.ndarray | str]:
+    """The tensors of a table ``[V, H]`` quantized in blocks along H (``quant`` holds its rows).
+
+    For com.microsoft GatherBlockQuantized (``gather_axis=0, quantize_axis=1``), checked in
+    ORT 1.32 CPU, and for DequantizeLinear-21 with ``axis=1, block_size=block``. Returns
+    ``data`` and ``data_type``, ``scales`` ``[V, k_blocks]`` float32 and, asymmetric only,
+    ``zero_points`` (``data_type`` too), both without the padding of the last block:
+
+    - 4 bits: INT4 ``[V, H]`` (symmetric: ``q - 8``; GatherBlockQuantized's default zero point
+      for 4-bit types is 0) or UINT4 with UINT4 zero points; ONNX flat packing
+      (:func:`pack_4bit_flat`), so H may be odd.
+    - 8 bits: UINT8 ``[V, H]`` (symmetric: no zero point, GatherBlockQuantized's default is
+      128) and UINT8 zero points ``[V, k_blocks]``; ``signed8`` gives INT8 ``q - 128`` instead
+      for a symmetric table (DequantizeLinear's default zero point is 0).
+    """
+    codes = quant.codes.reshape(quant.n, -1)[:, : quant.k]
+    result: dict[str, np.ndarray | str] = {"scales": quant.scales}
+    if quant.bits == 4:
+        result["data_type"] = "int4" if quant.symmetric else "uint4"
+        result["data"] = pack_4bit_flat(codes ^ np.uint8(8) if quant.symmetric else codes)
+        if not quant.symmetric:
+            result["zero_points"] = pack_4bit_flat(quant.zero_points)
+    elif quant.bits == 8:
+        signed = signed8 and quant.symmetric
+        result["data_type"] = "int8" if signed else "uint8"
+        result["data"] = (codes ^ np.uint8(0x80)).view(np.int8) if signed else codes.copy()
+        if not quant.symmetric:
+            result["zero_points"] = quant.zero_points.copy()
+    else:
+        raise ValueError(f"tables are quantized to 4 or 8 bits, not {quant.bits}")
     return result

@@ -149,3 +149,77 @@ def test_dequantize_linear_needs_4_bits(rng):
     )
     with pytest.raises(ValueError):
         packing.dequantize_linear_int4(quant)
+
+
+_PROTO_TYPES = {
+    "int4": TensorProto.INT4,
+    "uint4": TensorProto.UINT4,
+    "int8": TensorProto.INT8,
+    "uint8": TensorProto.UINT8,
+}
+
+
+def _table_tensor(name: str, data_type: str, shape: list[int], data: np.ndarray):
+    if data_type in ("int4", "uint4"):
+        return helper.make_tensor(name, _PROTO_TYPES[data_type], shape, data.tobytes(), raw=True)
+    return numpy_helper.from_array(np.asarray(data).reshape(shape), name)
+
+
+def _gather_block_quantized_run(quant: blocks.Blockwise, ids: np.ndarray) -> np.ndarray:
+    """ORT's GatherBlockQuantized on the tensors of ``packing.gather_block_quantized``."""
+    tensors = packing.gather_block_quantized(quant)
+    kind = tensors["data_type"]
+    inits = [
+        _table_tensor("q", kind, [quant.n, quant.k], tensors["data"]),
+        numpy_helper.from_array(tensors["scales"], "s"),
+    ]
+    if "zero_points" in tensors:
+        inits.append(_table_tensor("z", kind, [quant.n, quant.k_blocks], tensors["zero_points"]))
+    names = ["q", "ids"] + [i.name for i in inits[1:]]
+    node = helper.make_node(
+        "GatherBlockQuantized",
+        names,
+        ["y"],
+        domain="com.microsoft",
+        gather_axis=0,
+        quantize_axis=1,
+        block_size=quant.block,
+        bits=quant.bits,
+    )
+    sess = session(
+        [node],
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [None])],
+        [helper.make_tensor_value_info("y", FLOAT, None)],
+        inits,
+    )
+    return sess.run(None, {"ids": ids})[0]
+
+
+@pytest.mark.parametrize("hidden", [64, 40, 33])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("block", [16, 32])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_ort_gather_block_quantized_matches_dequantized_table(rng, bits, block, symmetric, hidden):
+    table = rng.standard_normal((9, hidden)).astype(np.float32)
+    quant = kquant.kquant(table, bits=bits, block=block, symmetric=symmetric)
+    ids = np.array([0, 8, 3, 3, -1], np.int64)  # negative counts from the end, as in Gather
+    got = _gather_block_quantized_run(quant, ids)
+    np.testing.assert_array_equal(got, quant.dequantize()[ids])
+
+
+def test_gather_block_quantized_layout(rng):
+    quant = blocks.Blockwise(
+        codes=np.array([[[0, 15, 8, 1]], [[7, 9, 8, 8]]], np.uint8),
+        scales=np.ones((2, 1), np.float32),
+        zero_points=None,
+        bits=4,
+        k=3,
+    )
+    tensors = packing.gather_block_quantized(quant)
+    assert tensors["data_type"] == "int4" and "zero_points" not in tensors
+    # q - 8 = [-8, 7, 0 | -1, 1, 0], flat, low nibble first; the block padding is dropped
+    np.testing.assert_array_equal(tensors["data"], [0x78, 0xF0, 0x01])
+    quant.bits, quant.codes = 8, quant.codes * 16
+    signed = packing.gather_block_quantized(quant, signed8=True)
+    assert signed["data_type"] == "int8" and signed["data"][0, 1] == 240 - 128
+    assert packing.gather_block_quantized(quant)["data"][0, 1] == 240
