@@ -211,7 +211,8 @@ class Search:
         metrics = self.measure(top)
         if not p.meets(metrics):
             raise VerificationError(
-                f"mixed-precision: even {p.candidates[-1]} everywhere gives {p.metric} "
+                f"mixed-precision: even {p.candidates[-1]} everywhere"
+                f"{' outside the overrides' if pinned else ''} gives {p.metric} "
                 f"{metric_value(p.metric, metrics):.6g}, short of the budget {p.limit}"
             )
         assignment = [pinned.get(i, p.candidates[0]) for i in range(len(self.targets))]
