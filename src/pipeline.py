@@ -16,10 +16,11 @@ from onnxopt import golden as golden_mod
 from onnxopt import model_io, spec
 from onnxopt.errors import OnnxoptError, VerificationError
 from onnxopt.golden import GoldenSet
+from onnxopt.latency import LatencySettings, model_latency_ms
 from onnxopt.metrics import Metrics, compare_all
 from onnxopt.pass_api import Pass, PassResult
 from onnxopt.report import PassReport, Report
-from onnxopt.stats import node_count
+from onnxopt.stats import node_count, op_histogram
 from onnxopt.verify import first_diverging, structural_problems
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ class Pipeline:
         keep_going: Roll back a failing pass and go on instead of stopping.
         reproducer_dir: Where to write the model from just before a failing pass.
         progress: Called with a short message as each pass starts.
+        latency: Time the input model and the model after each pass that changed it in ORT CPU
+            (median ms, in the report); on the first golden case, or synthesized inputs.
     """
 
     def __init__(
@@ -53,6 +56,7 @@ class Pipeline:
         reproducer_dir: str | Path | None = None,
         reproducer_stem: str = "model",
         progress: Callable[[str], None] | None = None,
+        latency: LatencySettings | None = None,
     ) -> None:
         self.passes = spec.build(passes) if isinstance(passes, str) else list(passes)
         self.golden = golden
@@ -64,6 +68,7 @@ class Pipeline:
         self.reproducer_dir = Path(reproducer_dir) if reproducer_dir else None
         self.reproducer_stem = reproducer_stem
         self.progress = progress
+        self.latency = latency
 
     @property
     def spec(self) -> str:
@@ -75,6 +80,7 @@ class Pipeline:
         The copy shares weight tensors with ``model``, so it costs no weight memory.
         """
         report = Report(pipeline=self.spec, keep_going=self.keep_going)
+        report.ops_before = dict(op_histogram(model))
         model = model.clone()
         golden = self.golden
         if self.verify:
@@ -90,12 +96,20 @@ class Pipeline:
         else:
             golden = None
         reference = golden.outputs if golden else None
+        feeds = golden.inputs[0] if golden else None
+        if self.latency:
+            report.latency_settings = dataclasses.asdict(self.latency)
+            report.latency_ms_before, _ = self._latency(model, feeds)
         interface: Pass | None = None  # the last interface pass that held runs the model after it
         for index, pass_ in enumerate(self.passes):
             if self.progress:
                 self.progress(f"[{index + 1}/{len(self.passes)}] {pass_.to_spec()}")
             entry, model, new_reference = self._run_one(pass_, model, golden, reference, interface)
             report.passes.append(entry)
+            if self.latency and entry.status == "ok":
+                entry.latency_ms, problem = self._latency(model, feeds)
+                if problem:
+                    entry.notes.append(f"latency not measured: {problem}")
             if entry.status in ("failed", "error"):
                 if not self.keep_going:
                     break
@@ -105,7 +119,26 @@ class Pipeline:
                 interface = pass_
         for pass_ in self.passes[len(report.passes) :]:
             report.passes.append(PassReport(pass_.name, pass_.to_spec(), pass_.kind))
+        report.ops_after = dict(op_histogram(model))
         return model, report
+
+    def _latency(
+        self, model: ir.Model, feeds: dict[str, np.ndarray] | None
+    ) -> tuple[float | None, str]:
+        """Median ms on ``feeds`` (synthesized where they do not fit the model), or why not."""
+        assert self.latency is not None
+        names = {value.name for value in golden_mod.feed_inputs(model)}
+        if feeds is None or set(feeds) != names:  # no golden set, or an interface pass changed IO
+            try:
+                cases, _ = golden_mod.synthesize(model, dims=self.dims, seed=self.seed, shapes=1)
+                feeds = cases[0]
+            except OnnxoptError as err:
+                return None, str(err)
+        try:
+            return model_latency_ms(model, feeds, self.latency), ""
+        except Exception as err:
+            logger.debug("latency of the model failed", exc_info=True)
+            return None, " ".join(str(err).split())[:200] or type(err).__name__
 
     def _run_one(
         self,

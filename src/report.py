@@ -10,6 +10,15 @@ from typing import Any, Literal
 Status = Literal["ok", "unchanged", "failed", "error", "skipped"]
 
 
+def human_bytes(n: float) -> str:
+    """``512 B``, ``1.5 KB``, ``2.0 MB``, ``1.2 GB`` (powers of 1024)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
 @dataclasses.dataclass
 class PassReport:
     """One pass's line in the report."""
@@ -37,6 +46,8 @@ class PassReport:
     """The exit code of the user-facing error a pass raised (2 usage, 4 unsupported model)."""
     first_diverging: dict[str, Any] | None = None
     reproducer: dict[str, str] | None = None
+    latency_ms: float | None = None
+    """Median ORT CPU run time of the model after this pass (``--latency``; None: not measured)."""
 
 
 @dataclasses.dataclass
@@ -49,6 +60,14 @@ class Report:
     golden: dict[str, Any] = dataclasses.field(default_factory=dict)
     passes: list[PassReport] = dataclasses.field(default_factory=list)
     keep_going: bool = False
+    ops_before: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Node count per op type (``domain::Op`` outside the default domain) of the input model."""
+    ops_after: dict[str, int] = dataclasses.field(default_factory=dict)
+    """The same for the model the run ended with."""
+    latency_ms_before: float | None = None
+    """Median ORT CPU run time of the input model (``--latency``; None: not measured)."""
+    latency_settings: dict[str, int] | None = None
+    """How latency was measured: ``runs``, ``warmup``, ``threads`` (None: it was not)."""
 
     @property
     def failed(self) -> list[PassReport]:
@@ -57,6 +76,12 @@ class Report:
     @property
     def ok(self) -> bool:
         return not self.failed
+
+    @property
+    def latency_ms_after(self) -> float | None:
+        """Latency of the model the run ended with: after the last pass that changed it."""
+        changed = [p for p in self.passes if p.status == "ok"]
+        return changed[-1].latency_ms if changed else self.latency_ms_before
 
     @property
     def exit_code(self) -> int:
@@ -78,4 +103,11 @@ class Report:
         return json.dumps(self.to_dict(), indent=2)
 
     def write(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json() + "\n")
+        """Write the report: a self-contained HTML page for ``.html``/``.htm``, JSON otherwise."""
+        path = Path(path)
+        if path.suffix.lower() in (".html", ".htm"):
+            from onnxopt.html_report import render
+
+            path.write_text(render(self), encoding="utf-8")
+        else:
+            path.write_text(self.to_json() + "\n")

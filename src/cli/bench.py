@@ -1,28 +1,24 @@
 """``onnxopt bench``: ORT CPU latency, peak memory and size of one or two models, side by side.
 
-Each model is measured in a fresh process (this file run as a script, importing only numpy and
-ONNX Runtime), so one model's allocations never show in the other's numbers. Peak memory is the
-growth of the process's resident set from just before the session is created to the highest
-point while it is created and run: Linux's VmHWM after resetting it through
-``/proc/self/clear_refs``; elsewhere the growth of ``ru_maxrss``, which misses a peak lower
-than the interpreter's start-up peak.
+Each model is measured in a fresh process (``onnxopt/latency.py`` run as a script, importing only
+numpy and ONNX Runtime), so one model's allocations never show in the other's numbers; that module
+says how peak memory is read.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-OPT_LEVELS = ("disable", "basic", "extended", "all")
+from onnxopt import latency
+
 RATIOS = {
     "latency_median": ("latency_ms", "median"),
     "latency_p90": ("latency_ms", "p90"),
@@ -112,7 +108,7 @@ def ratios(first: dict[str, Any], second: dict[str, Any]) -> dict[str, float | N
 
 def text(report: dict[str, Any]) -> str:
     """The measurements as a table, one column per model, and a ratio column for two."""
-    from onnxopt.cli.render import human_bytes
+    from onnxopt.report import human_bytes
 
     models = report["models"]
     names = [Path(m["path"]).name for m in models]
@@ -169,7 +165,7 @@ def _measure_in_subprocess(path: Path, feeds: Path, settings: dict[str, Any]) ->
 
     job = {**settings, "model": str(path), "feeds": str(feeds)}
     done = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), json.dumps(job)],
+        [sys.executable, str(Path(latency.__file__).resolve()), json.dumps(job)],
         capture_output=True,
         text=True,
     )
@@ -181,78 +177,3 @@ def _measure_in_subprocess(path: Path, feeds: Path, settings: dict[str, Any]) ->
     if "error" in answer:
         raise UnsupportedModelError(f"{path}: {answer['error']}")
     return answer
-
-
-def measure(job: dict[str, Any]) -> dict[str, Any]:
-    """In the worker: create the session, warm up, time ``runs`` runs, note peak memory."""
-    import onnxruntime as ort
-
-    with np.load(job["feeds"], allow_pickle=False) as data:
-        feeds = {key: data[key] for key in data.files}
-    options = ort.SessionOptions()
-    options.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[job["opt_level"]]
-    options.intra_op_num_threads = job["threads"]
-    options.log_severity_level = 3
-    baseline, method = _reset_peak()
-    start = time.perf_counter()
-    session = ort.InferenceSession(job["model"], options, providers=[job["provider"]])
-    session_ms = (time.perf_counter() - start) * 1000
-    for _ in range(job["warmup"]):
-        session.run(None, feeds)
-    times = []
-    for _ in range(job["runs"]):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append((time.perf_counter() - start) * 1000)
-    return {
-        "session_ms": session_ms,
-        "peak_rss_bytes": max(_peak(method) - baseline, 0),
-        "memory_method": method,
-        "pid": os.getpid(),
-        "times_ms": times,
-    }
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak() -> tuple[int, str]:
-    """The current RSS (bytes) and how the peak will be read."""
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")  # resets VmHWM to the current RSS
-        return _status_kb("VmRSS"), "VmHWM"
-    except OSError:
-        return _peak("ru_maxrss"), "ru_maxrss"
-
-
-def _peak(method: str) -> int:
-    if method == "VmHWM":
-        return _status_kb("VmHWM")
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def _worker() -> None:
-    try:
-        answer = measure(json.loads(sys.argv[1]))
-    except Exception as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        answer = {"error": f"ONNX Runtime cannot run it: {first}"}
-    print(json.dumps(answer))
-
-
-if __name__ == "__main__":
-    _worker()

@@ -19,6 +19,7 @@ from click.core import ParameterSource
 
 import onnxopt
 from onnxopt import golden as golden_mod
+from onnxopt import latency as latency_mod
 from onnxopt import model_io, ort_runner
 from onnxopt.cli import bench as bench_mod
 from onnxopt.cli import config, render
@@ -202,7 +203,12 @@ def cli(debug: bool) -> None:
 @click.option("--no-verify", is_flag=True, help="Skip numeric checks (structure is checked).")
 @click.option("--keep-going", is_flag=True, help="Roll back failing passes and continue.")
 @click.option("--explain", is_flag=True, help="Say why rules that almost matched did not fire.")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), help="JSON report.")
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(path_type=Path),
+    help="Write the report: an HTML page for .html, JSON otherwise.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option(
     "--external-data/--no-external-data",
@@ -211,6 +217,19 @@ def cli(debug: bool) -> None:
 )
 @click.option("--dim", "dims", multiple=True, metavar="NAME=N", help="Symbolic dim for capture.")
 @click.option("--seed", default=0, show_default=True, help="Seed for captured golden inputs.")
+@click.option(
+    "--latency",
+    "latency_runs",
+    type=int,
+    metavar="N",
+    help="Time the input and each changed model in ORT CPU: median of N runs after a warm-up.",
+)
+@click.option(
+    "--threads",
+    type=int,
+    metavar="N",
+    help="ORT intra-op threads for --latency (default 1; 0: ORT's default).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors and the 'wrote' line.")
 @click.option("-v", "--verbose", is_flag=True, help="Also print notes, near misses, timings.")
 @plugin_option
@@ -232,6 +251,8 @@ def run(
     external_data: bool | None,
     dims: tuple[str, ...],
     seed: int,
+    latency_runs: int | None,
+    threads: int | None,
     quiet: bool,
     verbose: bool,
     plugins: tuple[str, ...],
@@ -243,6 +264,7 @@ def run(
     start = time.perf_counter()
     if quiet and (verbose or explain):
         raise UsageError("--quiet cannot be combined with --verbose or --explain")
+    latency = latency_settings(latency_runs, threads)
     file_values = config.read(config_path) if config_path else {}
     given = click.get_current_context().get_parameter_source
     flags: dict[str, Any] = {
@@ -283,9 +305,10 @@ def run(
         click.echo(f"wrote {saved}", err=as_json)
     show_progress = verbose or not (as_json or quiet)
     progress = render.progress_printer(always=verbose) if show_progress else None
-    _, report = onnxopt.optimize(
+    _, report = optimize(
         model,
         passes,
+        latency=latency,
         golden=settings.golden,
         verify=settings.verify,
         dims=settings.dims,
@@ -318,6 +341,63 @@ def run(
     sys.exit(report.exit_code)
 
 
+def latency_settings(runs: int | None, threads: int | None) -> latency_mod.LatencySettings | None:
+    """``--latency N [--threads T]`` as settings (None when not asked for)."""
+    if runs is None:
+        if threads is not None:
+            raise UsageError("--threads only applies with --latency N")
+        return None
+    if runs < 1:
+        raise UsageError(f"--latency expects at least 1 run, got {runs}")
+    if threads is not None and threads < 0:
+        raise UsageError(f"--threads must not be negative, got {threads}")
+    return latency_mod.LatencySettings(runs=runs, threads=1 if threads is None else threads)
+
+
+def optimize(
+    model: Path,
+    passes: list[onnxopt.Pass],
+    *,
+    latency: latency_mod.LatencySettings | None,
+    output: Path,
+    external_data: bool | None,
+    golden: Path | None,
+    **pipeline_args: Any,
+) -> tuple[Any, onnxopt.Report]:
+    """``onnxopt.optimize``, with latency measured by the pass manager when asked for.
+
+    ``optimize()`` has no ``latency`` argument yet, so that case builds the Pipeline itself,
+    following ``optimize()`` step by step (protected input, reproducers beside the output).
+    """
+    if latency is None:
+        return onnxopt.optimize(
+            model,
+            passes,
+            golden=golden,
+            output=output,
+            external_data=external_data,
+            **pipeline_args,
+        )
+    loaded = model_io.load(model)
+    out_path = output.absolute()
+    protected = (model, *model_io.external_data_files(loaded))
+    model_io.check_writable(out_path, protected)
+    pipeline = onnxopt.Pipeline(
+        passes,
+        golden=onnxopt.GoldenSet.load(golden) if golden is not None else None,
+        reproducer_dir=out_path.parent,
+        reproducer_stem=out_path.stem,
+        latency=latency,
+        **pipeline_args,
+    )
+    result, report = pipeline.run(loaded)
+    report.input = str(model)
+    if report.exit_code == 0:
+        model_io.save(result, out_path, external_data=external_data, protected=protected)
+        report.output = str(out_path)
+    return result, report
+
+
 def build_passes(spec_text: str, target: str | None) -> list[onnxopt.Pass]:
     """The pipeline's passes; ``target`` goes to every pass with a ``target`` option not set."""
     if target is None:
@@ -342,7 +422,7 @@ def build_passes(spec_text: str, target: str | None) -> list[onnxopt.Pass]:
 )
 @click.option(
     "--opt-level",
-    type=click.Choice(bench_mod.OPT_LEVELS),
+    type=click.Choice(latency_mod.OPT_LEVELS),
     default="all",
     show_default=True,
     help="ORT graph optimization level.",

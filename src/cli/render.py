@@ -16,7 +16,7 @@ import click
 import onnx_ir as ir
 
 from onnxopt import model_io, registry
-from onnxopt.report import Report
+from onnxopt.report import Report, human_bytes
 from onnxopt.stats import op_histogram
 
 
@@ -49,14 +49,6 @@ def status_word(word: str, color: bool, width: int = 0) -> str:
     return click.style(word, fg=fg, bold=True if fg == "red" else None) + padded[len(word) :]
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
-
-
 def _metric(entry: Any) -> str:
     if not entry.metrics:
         return "-"
@@ -80,6 +72,8 @@ def report_table(
     time) adds a line splitting it into passes, checks and the rest.
     """
     lines = [] if quiet else _table(report, color)
+    if not quiet and report.latency_settings is not None:
+        lines.append(latency_line(report))
     if not quiet:
         for p in report.passes:
             lines += [f"{p.spec}: {note}" for note in p.notes]
@@ -108,23 +102,44 @@ def report_table(
     return "\n".join(lines)
 
 
+def latency_line(report: Report) -> str:
+    """``latency: 4.10 ms -> 2.95 ms (0.72x), median of 20 runs, 1 thread`` (what was measured)."""
+    settings = report.latency_settings or {}
+    threads = settings.get("threads", 0)
+    how = f"median of {settings.get('runs')} runs, " + (
+        "ORT's default threads" if threads == 0 else f"{threads} thread{'s' * (threads > 1)}"
+    )
+    before = report.latency_ms_before
+    after = report.latency_ms_after
+    if before is None:
+        return f"latency: input model not measured ({how})"
+    if after is None or after == before:
+        return f"latency: {before:.2f} ms, no pass changed it measurably ({how})"
+    return f"latency: {before:.2f} ms -> {after:.2f} ms ({after / before:.2f}x), {how}"
+
+
 def _table(report: Report, color: bool) -> list[str]:
+    timed = report.latency_settings is not None
     rows = [("pass", "kind", "status", "metric", "nodes", "weights", "time+check", "rules fired")]
+    if timed:
+        rows[0] = (*rows[0][:6], "latency", *rows[0][6:])
     for p in report.passes:
         delta = p.nodes_after - p.nodes_before
         rules = ", ".join(f"{k}={v}" for k, v in p.counts.items()) or "-"
-        rows.append(
-            (
-                p.spec,
-                p.kind,
-                p.status,
-                _metric(p),
-                f"{p.nodes_before}->{p.nodes_after} ({delta:+d})" if p.status != "skipped" else "-",
-                human_bytes(p.bytes_after) if p.status != "skipped" else "-",
-                f"{p.seconds:.2f}s+{p.verify_seconds:.2f}s" if p.status != "skipped" else "-",
-                rules,
-            )
+        row = (
+            p.spec,
+            p.kind,
+            p.status,
+            _metric(p),
+            f"{p.nodes_before}->{p.nodes_after} ({delta:+d})" if p.status != "skipped" else "-",
+            human_bytes(p.bytes_after) if p.status != "skipped" else "-",
+            f"{p.seconds:.2f}s+{p.verify_seconds:.2f}s" if p.status != "skipped" else "-",
+            rules,
         )
+        if timed:
+            ms = "-" if p.latency_ms is None else f"{p.latency_ms:.2f} ms"
+            row = (*row[:6], ms, *row[6:])
+        rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(
