@@ -56,7 +56,8 @@ class MixedPrecisionPass(WeightQuantPass):
          run decides whether to go on. Every measured run feeds the dequantized weights of a
          single ORT session (optimizations and pre-packing off).
       3. ``preset=llama-cpp``: no search; int8 for the first and last weights in graph order and
-         for attention V and FFN down projections (``MORE_BITS``), int4 elsewhere.
+         for attention V and FFN down projections (``MORE_BITS`` on node names, weight names and
+         the dynamo exporter's ``namespace`` metadata), int4 elsewhere.
       4. ``overrides`` (``glob=precision`` or ``glob:precision`` on node names) pin weights first.
       5. The chosen assignment is written (int4/int8: ``MatMulNBits``; fp16: a float16
          initializer behind a ``Cast`` to float32) and verified with a real ORT run.
@@ -273,6 +274,8 @@ class Search:
     def _preset(self, index: int) -> str:
         target = self.targets[index]
         names = [use.node.name or "" for use in target.uses] + [target.weight.name]
+        # torch.onnx's dynamo exporter names nodes node_linear_3; the module path is metadata.
+        names += [use.node.metadata_props.get("namespace", "") for use in target.uses]
         first_or_last = index in (0, len(self.targets) - 1)
         return "int8" if first_or_last or any(MORE_BITS.search(n) for n in names) else "int4"
 
