@@ -29,6 +29,7 @@ from onnxopt.passes._weight_quant import (
 )
 from onnxopt.passes.quant_int4 import QuantInt4Pass
 from onnxopt.passes.quant_int8 import QuantInt8Pass
+from onnxopt.quant import blocks
 from onnxopt.registry import register_pass
 from onnxopt.stats import add_count
 
@@ -111,7 +112,7 @@ class MixedPrecisionPass(WeightQuantPass):
         targets = [t for t in self.find(model, result) if self._simulable(model, t, result)]
         if not targets:
             return result
-        golden = self.golden or golden_mod.capture(model)
+        golden = golden_mod.capture(model) if self.golden is None else self.golden
         before = sum(t.weight.const_value.nbytes for t in targets)
         search = Search(self, model, targets, golden)
         assignment = search.run()
@@ -174,7 +175,7 @@ class MixedPrecisionPass(WeightQuantPass):
             line = self.record(target, nbytes, search.rel_error(index, precision))
             line.update(
                 precision=precision,
-                format="MatMulNBits" if precision.startswith("int") else "",
+                format="matmulnbits" if precision.startswith("int") else "",
                 sensitivity=search.sensitivity[index],
                 output_error=search.alone(index, precision),
             )
@@ -186,14 +187,18 @@ class Search:
     """Measures weights' effect on the golden outputs and picks a precision for each."""
 
     def __init__(
-        self, pass_: MixedPrecisionPass, model: ir.Model, targets: list[WeightSite], golden
+        self,
+        pass_: MixedPrecisionPass,
+        model: ir.Model,
+        targets: list[WeightSite],
+        golden: GoldenSet,
     ) -> None:
         self.pass_, self.model, self.targets, self.golden = pass_, model, targets, golden
         self.quantizers = {
             "int4": QuantInt4Pass(algo=pass_.algo, block=pass_.block),
             "int8": QuantInt8Pass(algo=pass_.algo, block=pass_.block),
         }
-        self._cache: dict[tuple[int, str], object] = {}
+        self._cache: dict[tuple[int, str], blocks.Blockwise] = {}
         self.bytes = [{p: self._bytes(t, p) for p in PRECISIONS} for t in targets]
         self.sensitivity: list[float | None] = [None] * len(targets)
         self._alone: dict[tuple[int, str], float] = {}
@@ -342,7 +347,7 @@ class Search:
         rows = self.quantized(index, precision).dequantize()
         return (rows if target.rows else rows.T).astype(tensor.dtype.numpy())
 
-    def quantized(self, index: int, precision: str):
+    def quantized(self, index: int, precision: str) -> blocks.Blockwise | None:
         """The blockwise codes of one weight at int4/int8 (quantized once), else None."""
         if precision not in self.quantizers:
             return None
@@ -369,8 +374,7 @@ class Search:
         n, k = tensor.shape[0 if target.rows else 1], tensor.shape[1 if target.rows else 0]
         kb = -(-k // self.pass_.block)
         bits = int(precision[3:])
-        per_use = n * kb * tensor.dtype.itemsize  # scales
-        return n * kb * self.pass_.block * bits // 8 + per_use * len(target.uses)
+        return n * kb * self.pass_.block * bits // 8 + n * kb * tensor.dtype.itemsize  # + scales
 
 
 def _feedable(model: ir.Model, targets: list[WeightSite]) -> ort_runner.RunnableModel:

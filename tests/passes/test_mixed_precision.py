@@ -85,6 +85,28 @@ def test_sensitive_weight_gets_more_bits(rng):
     assert "cosine" in result.notes[-1] and "2 int4, 1 int8" in result.notes[-1]
 
 
+@pytest.mark.parametrize(
+    ("metric", "budget", "attribute"),
+    [("snr", 40.0, "snr_db"), ("rel_l2", 0.01, "rel_l2"), ("max_abs", 30.0, "max_abs")],
+)
+def test_each_metric_bounds_the_search(rng, metric, budget, attribute):
+    model, _ = _branches(rng)
+    golden = _golden(model, rng)
+    result = _run_pass(model, golden, metric=metric, budget=budget)
+    assert _bits(model) == {"a": 4, "b": 8, "c": 4}
+    outputs = [run(model, case) for case in golden.inputs]
+    measured = getattr(compare_all(golden.outputs, outputs, Tolerance()), attribute)
+    assert measured >= budget if metric == "snr" else measured <= budget
+    assert result.notes[-1].startswith(f"{metric} ")
+
+
+def test_a_tight_max_abs_budget_uses_fp16(rng):
+    model, _ = _branches(rng)
+    golden = _golden(model, rng)
+    result = _run_pass(model, golden, metric="max_abs", budget=5.0)
+    assert [line["precision"] for line in result.layers] == ["int4", "fp16", "int8"]
+
+
 def test_smaller_than_uniform_int8_within_budget(rng):
     model, _ = _branches(rng)
     golden = _golden(model, rng)
@@ -140,6 +162,14 @@ def test_llama_cpp_preset(rng):
     assert list(_bits(model).values()) == [8, 8, 4, 8, 4, 8]  # first, V, down, last
     assert list(_bits(model)) == names
     assert len(result.layers) == 6 and result.notes
+
+
+def test_llama_cpp_preset_reads_dynamo_namespaces(rng):
+    model = _named_chain(rng, [f"node_linear_{i}" for i in range(4)])
+    node = list(model.graph)[1]
+    node.metadata_props["namespace"] = "model.layers.0.self_attn.v_proj: Linear/linear"
+    _run_pass(model, _golden(model, rng), preset="llama-cpp")
+    assert list(_bits(model).values()) == [8, 8, 4, 8]
 
 
 def test_bad_options_are_usage_errors():
