@@ -107,6 +107,28 @@ def test_a_tight_max_abs_budget_uses_fp16(rng):
     assert [line["precision"] for line in result.layers] == ["int4", "fp16", "int8"]
 
 
+def test_gemm_and_transposed_weights_are_fed_in_their_layout(rng):
+    """Gemm(transB=1) and MatMul(Transpose(W)) store [N, K]; the search feeds them that way."""
+    wg = rng.standard_normal((N, K)).astype(np.float32)
+    wt = rng.standard_normal((N, K)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gemm", ["x", "wg", "bias"], ["g"], name="g", transB=1),
+        helper.make_node("Transpose", ["wt"], ["wt_t"], perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "wt_t"], ["t"], name="t"),
+        helper.make_node("Mul", ["t", "gain"], ["ts"]),
+        helper.make_node("Add", ["g", "ts"], ["y"]),
+    ]
+    inits = {"wg": wg, "wt": wt, "bias": np.ones(N, np.float32), "gain": np.float32(100)}
+    model = make_model(nodes, {"x": (FLOAT, [4, K])}, {"y": (FLOAT, [4, N])}, inits)
+    golden = _golden(model, rng)
+    result = _run_pass(model, golden, budget=0.9999)
+    assert result.counts == {"gemm": 1, "matmul-transposed": 1}
+    assert _bits(model) == {"g": 4, "t": 8} and "Transpose" not in [n.op_type for n in model.graph]
+    x = golden.inputs[0]["x"]
+    expected = x @ _kquant(wg.T, 4) + 1 + 100 * (x @ _kquant(wt.T, 8))
+    np.testing.assert_allclose(run(model, {"x": x})["y"], expected, rtol=1e-4, atol=1e-3)
+
+
 def test_smaller_than_uniform_int8_within_budget(rng):
     model, _ = _branches(rng)
     golden = _golden(model, rng)
