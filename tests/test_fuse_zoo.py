@@ -119,3 +119,24 @@ def test_lower_undoes_the_ort_fusions_for_a_standard_runtime(name: str) -> None:
     assert report.ok, [(p.name, p.reason) for p in report.failed]
     assert report.passes[-1].counts.get("MultiHeadAttention", 0) == 2
     assert unsupported(model, load_target("onnx-17")) == []
+
+
+# `fuse` with fuse-rotary before fuse-attention (spelled out until the alias has it).
+_FUSE_ROTARY = (
+    "simplify,fuse-layer-norm,fuse-rms-norm,fuse-gelu,fuse-rotary,fuse-attention,"
+    "fuse-skip-layer-norm,fuse-bias,cleanup"
+)
+
+
+@pytest.mark.parametrize("name", [n for n, e in MODELS.items() if e["inventory"].get("rotary")])
+def test_rotary_fuses_and_attention_still_does(name: str) -> None:
+    import onnxopt.passes.fuse_rotary  # registers fuse-rotary
+
+    stem = name.removesuffix(".onnx")
+    model, report = onnxopt.optimize(ZOO / name, _FUSE_ROTARY, golden=ZOO / f"{stem}.golden")
+    assert report.ok, [(p.name, p.reason) for p in report.failed]
+    histogram = op_histogram(model)
+    inventory = MODELS[name]["inventory"]
+    assert histogram[f"{MS}RotaryEmbedding"] == inventory["rotary"]
+    assert sum(histogram[op] for op in GROUPS["attention"]) == inventory["attention"]
+    assert "Neg" not in histogram

@@ -201,6 +201,8 @@ def _layout(x: ir.Value, cos: ir.Value, sin: ir.Value, half: int) -> _Plan:
         raise NotFusable("cos and sin do not have one known rank of at most 4", cos)
     rank = ap.rank(cos)
     for table in (cos, sin):
+        if table.shape[-1] != 2 * half:
+            raise NotFusable(f"the last axis of {table.name} is not x's ({2 * half})", table)
         _link(table, dims)
     varying: list[int] = []
     for axis in range(3):
