@@ -22,6 +22,7 @@ _BUILTIN: dict[str, str] = {
     "quant-int4": "onnxopt.passes.quant_int4",
     "quant-int8": "onnxopt.passes.quant_int8",
     "fp16": "onnxopt.passes.fp16",
+    "mixed-precision": "onnxopt.passes.mixed_precision",
     "stream": "onnxopt.passes.stream",
     "stream-rnn": "onnxopt.passes.stream_rnn",
     "stream-conv": "onnxopt.passes.stream_conv",
