@@ -10,7 +10,7 @@ from onnxscript.rewriter import pattern
 
 from onnxopt.fusion import Fusion, FusionPass
 from onnxopt.passes import _attention_patterns as ap
-from onnxopt.passes._attention_patterns import Dims, NotFusable
+from onnxopt.passes._attention_patterns import Atom, Dims, NotFusable
 from onnxopt.registry import register_pass
 from onnxopt.targets import Target
 
@@ -268,7 +268,10 @@ def _axis_sources(node: ir.Node, r: int, dims: Dims) -> list[tuple[ir.Value, dic
         axis = ap.int_attr(node, "axis", 0) % (r + 1)
         return [(source, {a: a if a < axis else a + 1 for a in range(r)})]
     if op == "Slice" and ap.rank(source) == r:
-        return [(source, {a: a for a in range(r) if _slice_keeps(node, a, dims)})]
+        lengths = {a: _slice_length(node, a, dims) for a in range(r)}
+        for a, length in lengths.items():
+            dims.union(dims.ref(node.outputs[0], a), length)
+        return [(source, {a: a for a, n in lengths.items() if n == dims.ref(source, a)})]
     return []
 
 
@@ -284,29 +287,39 @@ def _broadcast_at(others: list[ir.Value], axis: int, r: int) -> bool:
     return True
 
 
-def _slice_keeps(node: ir.Node, axis: int, dims: Dims) -> bool:
-    """A Slice leaves ``axis`` whole: not sliced, or sliced from 0 to its own size (or more)."""
-    in_rank = ap.rank(node.inputs[0])
+def _slice_length(node: ir.Node, axis: int, dims: Dims) -> Atom | None:
+    """The size of a Slice's output at ``axis``, when proven: its input's, or ``end`` of a prefix.
+
+    A prefix ``[0:end]`` of a static axis longer than 1 (a table sliced to the sequence length)
+    has ``end`` elements wherever the graph runs: were the table shorter, its Mul with x would
+    not broadcast.
+    """
+    source = node.inputs[0]
+    in_rank = ap.rank(source)
     args = [ap.numeric(v) if v is not None else None for v in node.inputs[1:]]
-    if in_rank is None or len(args) < 3 or args[2] is None:
-        return False
-    axes = [int(a) % in_rank for a in args[2].reshape(-1)]
+    if in_rank is None or len(args) < 2 or args[0] is None:
+        return None
+    listed = args[2] if len(args) > 2 and args[2] is not None else None
+    if listed is None and len(node.inputs) > 3 and node.inputs[3] is not None:
+        return None  # axes computed
+    axes = list(range(args[0].size)) if listed is None else [int(a) for a in listed.reshape(-1)]
+    axes = [a % in_rank for a in axes]
+    whole = dims.ref(source, axis)
     if axis not in axes:
-        return True
+        return whole
     i = axes.index(axis)
     steps = args[3] if len(args) > 3 and args[3] is not None else None
-    if args[0] is None or int(args[0].reshape(-1)[i]) != 0:
-        return False
-    if steps is not None and int(steps.reshape(-1)[i]) != 1:
-        return False
+    if int(args[0].reshape(-1)[i]) != 0 or (steps is not None and int(steps.reshape(-1)[i]) != 1):
+        return None
     if args[1] is not None and int(args[1].reshape(-1)[i]) >= _BIG:
-        return True
+        return whole
     ends = ap.shape_vector(node.inputs[2], dims)
-    return (
-        ends is not None
-        and len(ends) == len(axes)
-        and dims.same(ends[i], dims.ref(node.inputs[0], axis))
-    )
+    if ends is None or len(ends) != len(axes) or ends[i] is None:
+        return None
+    if dims.same(ends[i], whole):
+        return whole
+    size = source.shape[axis]
+    return ends[i] if isinstance(size, int) and size > 1 else None
 
 
 def _range_from_zero(node: ir.Node) -> bool:

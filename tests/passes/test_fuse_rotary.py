@@ -28,7 +28,8 @@ class Rope:
 
     halves: str = "dynamo"  # "dynamo": constant Slices; "ts": ends from Shape; "split"
     angles: str = "range"  # cos/sin from Range(0, seq) (batch 1); "ids": position ids input
-    # [B, S] (per batch); "table": a constant cache gathered by position ids; "input": given
+    # [B, S] (per batch); "table": a constant cache gathered by position ids, "sliced": sliced
+    # to the sequence length; "input": given
     layout: str = "bnsh"  # x as [B, N, S, D]; "sbnd": Conformer's [S, B, N, D]
     table_halves_equal: bool = True  # for angles="table"
     scale: bool = False  # TorchScript's Mul by attention_scaling after Cos/Sin
@@ -39,13 +40,19 @@ class Rope:
 def _angles(g: Graph, spec: Rope, inputs: dict) -> tuple[str, str]:
     """cos and sin, [1 or B, S, D] (or [S, D] for Conformer)."""
     np_type = g.np_type
-    if spec.angles == "table":
-        inputs["position_ids"] = (INT64, ["batch", "seq"])
+    if spec.angles in ("table", "sliced"):
         tables = []
         for fn in (np.cos, np.sin):
             half = fn(np.arange(32)[:, None] * 0.3 ** np.arange(D // 2))
             other = half if spec.table_halves_equal else half[:, ::-1]
             tables.append(g.const(np.concatenate([half, other], -1), np_type))
+        if spec.angles == "sliced":  # the cache sliced to the sequence length, [1, S, D]
+            seq = g("Shape", "x", start=1, end=2)
+            return tuple(
+                g("Unsqueeze", g("Slice", t, g.const([0]), seq, g.const([0])), g.const([0]))
+                for t in tables
+            )
+        inputs["position_ids"] = (INT64, ["batch", "seq"])
         return tuple(g("Gather", t, "position_ids") for t in tables)
     if spec.angles == "input":
         inputs["cos"] = (spec.dtype, [1, "seq", D])
@@ -159,6 +166,7 @@ def _rotary(model: ir.Model) -> ir.Node:
         Rope(halves="split", opset=18),
         Rope(angles="ids"),
         Rope(angles="table"),
+        Rope(angles="sliced", halves="split"),
         Rope(layout="sbnd"),
         Rope(layout="sbnd", halves="ts"),
     ],
@@ -169,6 +177,7 @@ def _rotary(model: ir.Model) -> ir.Node:
         "split-18",
         "position-ids",
         "gathered-table",
+        "sliced-table",
         "conformer",
         "conformer-ts",
     ],
