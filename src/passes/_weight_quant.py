@@ -52,10 +52,13 @@ class WeightQuantPass(Pass):
     ops: list[str] = dataclasses.field(default_factory=lambda: ["MatMul", "Gemm"])
     min_elements: int = 4096
 
+    supported_ops: ClassVar[tuple[str, ...]] = ("MatMul", "Gemm")
+
     def __post_init__(self) -> None:
-        unknown = set(self.ops) - {"MatMul", "Gemm"}
+        unknown = set(self.ops) - set(self.supported_ops)
         if unknown:
-            raise ValueError(f"ops may hold MatMul and Gemm, not {', '.join(sorted(unknown))}")
+            allowed = ", ".join(self.supported_ops)
+            raise ValueError(f"ops may hold {allowed}, not {', '.join(sorted(unknown))}")
         if self.min_elements < 0:
             raise ValueError("min_elements must be >= 0")
 
@@ -73,13 +76,18 @@ class WeightQuantPass(Pass):
         before = after = 0
         for target in targets:
             tensor = target.weight.const_value
-            nbytes, rel_error = self.rewrite(model, target, result.counts)
+            if target.uses[0].rule == "conv":
+                nbytes, rel_error = conv_to_int8(target, result.counts)
+                layer = {**self.record(target, nbytes, rel_error), "precision": "int8"}
+            else:
+                nbytes, rel_error = self.rewrite(model, target, result.counts)
+                layer = self.record(target, nbytes, rel_error)
             before, after = before + tensor.nbytes, after + nbytes
-            result.layers.append(self.record(target, nbytes, rel_error))
+            result.layers.append(layer)
             logger.debug(
                 "%s: %s quantized for %d node(s)", self.name, target.weight.name, len(target.uses)
             )
-            _drop_if_unused(target)
+            drop_if_unused(target)
         if targets:
             result.modified = True
             result.notes.append(
@@ -144,6 +152,8 @@ class WeightQuantPass(Pass):
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude):
             return "excluded by name", "skipped-excluded"
         tensor = weight.const_value
+        if node.op_type == "Conv":
+            return _conv_skip_reason(node, tensor)
         if len(tensor.shape) != 2 or tensor.dtype not in _FLOATS:
             return f"weight is not a 2-D float tensor ({tensor.dtype}, {tensor.shape})", (
                 "skipped-shape"
@@ -167,6 +177,8 @@ def _weight_of(node: ir.Node) -> tuple[ir.Value, bool, str] | None:
     if len(node.inputs) < 2 or node.inputs[1] is None:
         return None
     b = node.inputs[1]
+    if node.op_type == "Conv":
+        return (b, True, "conv") if b.const_value is not None else None
     if node.op_type == "Gemm":
         if b.const_value is None:
             return None
@@ -181,6 +193,38 @@ def _weight_of(node: ir.Node) -> tuple[ir.Value, bool, str] | None:
     if source is None or source.const_value is None or len(source.const_value.shape) != 2:
         return None
     return (source, True, "matmul-transposed") if perm in (None, [1, 0], (1, 0)) else None
+
+
+def _conv_skip_reason(node: ir.Node, tensor: ir.TensorProtocol) -> tuple[str, str]:
+    """Why a Conv weight stays in float: int8 per-channel DequantizeLinear needs opset 13 and,
+    for float16 scales, 19."""
+    opset = node.graph.opset_imports.get("", 1) if node.graph is not None else 1
+    if tensor.dtype not in _FLOATS or len(tensor.shape) < 3:
+        return f"Conv weight is not a float tensor of rank >= 3 ({tensor.dtype})", "skipped-shape"
+    if opset < 13 or (tensor.dtype == ir.DataType.FLOAT16 and opset < 19):
+        return f"per-channel DequantizeLinear for this weight needs a newer opset than {opset}", (
+            "skipped-opset"
+        )
+    return "", ""
+
+
+def conv_to_int8(target: WeightSite, counts: dict[str, int]) -> tuple[int, float]:
+    """A Conv weight ``[M, C/g, ...]`` as int8 per output channel behind DequantizeLinear.
+
+    No ORT kernel takes 4-bit Conv weights, so both weight passes store Conv weights in 8 bits;
+    ORT dequantizes them once at load (constant folding) or per run (optimizations off).
+    """
+    tensor = target.weight.const_value
+    array = tensor.numpy()
+    rows = array.reshape(array.shape[0], -1)
+    q, scales = blocks.per_channel_int8(rows)
+    error = blocks.relative_error(rows, q, scales)
+    graph, name = owner(target), target.weight.name
+    inputs = [
+        add_initializer(graph, f"{name}_q8", ir.tensor(q.reshape(array.shape))),
+        add_initializer(graph, f"{name}_scales", ir.tensor(scales.astype(array.dtype))),
+    ]
+    return wire_dequantized(target, inputs, {"axis": 0}, counts), error
 
 
 def weight_rows(target: WeightSite, *, stream: bool = True) -> np.ndarray | FileRows:
@@ -227,7 +271,7 @@ class FileRows:
         return data.reshape(stop - start, width)
 
 
-def _drop_if_unused(target: WeightSite) -> None:
+def drop_if_unused(target: WeightSite) -> None:
     """Remove bypassed Transposes and the float initializer once nothing reads them.
 
     An external tensor also lets go of its memory map (it maps again if read later).

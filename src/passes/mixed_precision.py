@@ -21,8 +21,9 @@ from onnxopt.pass_api import PassResult
 from onnxopt.passes._weight_quant import (
     WeightQuantPass,
     WeightSite,
-    _drop_if_unused,
     add_initializer,
+    conv_to_int8,
+    drop_if_unused,
     owner,
     to_matmul_nbits,
     weight_rows,
@@ -47,6 +48,8 @@ MORE_BITS = re.compile(f"{ATTENTION_V}|{FFN_DOWN}", re.IGNORECASE)
 class MixedPrecisionPass(WeightQuantPass):
     """Give each MatMul/Gemm weight int4, int8, fp16 or fp32: the smallest model within a budget.
 
+    Conv weights (no 4-bit kernel exists) go to int8 per channel first, as in ``quant-int4``.
+
     Steps:
       1. Each weight's sensitivity: the golden outputs' error with that weight alone at the lowest
          candidate (one ORT run per weight; local proxies such as ``||A (W_q - W)||`` did not
@@ -67,6 +70,8 @@ class MixedPrecisionPass(WeightQuantPass):
     """
 
     name = "mixed-precision"
+    supported_ops: ClassVar[tuple[str, ...]] = ("MatMul", "Gemm", "Conv")
+    ops: list[str] = dataclasses.field(default_factory=lambda: ["MatMul", "Gemm", "Conv"])
     needs_golden: ClassVar[bool] = True
     golden: ClassVar[GoldenSet | None] = None  # set per instance before the pass runs
     budget: float | None = None
@@ -110,14 +115,17 @@ class MixedPrecisionPass(WeightQuantPass):
     def call(self, model: ir.Model) -> PassResult:
         result = PassResult(model, False)
         targets = [t for t in self.find(model, result) if self._simulable(model, t, result)]
-        if not targets:
+        convs = [t for t in targets if t.uses[0].rule == "conv"]
+        targets = [t for t in targets if t.uses[0].rule != "conv"]
+        if not targets and not convs:
             return result
         golden = golden_mod.capture(model) if self.golden is None else self.golden
-        before = sum(t.weight.const_value.nbytes for t in targets)
+        before = sum(t.weight.const_value.nbytes for t in targets + convs)
+        conv_bytes = self._convs_to_int8(convs, result)
         search = Search(self, model, targets, golden)
         assignment = search.run()
-        result.modified = any(p != "fp32" for p in assignment)
-        if result.modified:
+        result.modified = bool(convs) or any(p != "fp32" for p in assignment)
+        if any(p != "fp32" for p in assignment):
             self._rewrite(model, targets, assignment, search, result)
         metrics = _measure(ort_runner.run(model, golden.inputs), golden)
         value = metric_value(self.metric, metrics)
@@ -127,8 +135,10 @@ class MixedPrecisionPass(WeightQuantPass):
                 f"mixed-precision: the written model gives {self.metric} {value:.6g}, "
                 f"short of the budget {self.limit} (the simulated search said it met it)"
             )
-        after = sum(search.bytes[i][p] for i, p in enumerate(assignment))
+        after = conv_bytes + sum(search.bytes[i][p] for i, p in enumerate(assignment))
         chosen = {p: assignment.count(p) for p in PRECISIONS if p in assignment}
+        if convs:
+            chosen["int8"] = chosen.get("int8", 0) + len(convs)
         missed = "" if met else ", missed: preset"
         result.notes.append(
             f"{self.metric} {value:.6g} (budget {self.limit}{missed}) with "
@@ -138,6 +148,16 @@ class MixedPrecisionPass(WeightQuantPass):
         )
         logger.info("%s: %s", self.name, result.notes[-1])
         return result
+
+    def _convs_to_int8(self, convs: list[WeightSite], result: PassResult) -> int:
+        """Conv weights (no 4-bit kernel) go to int8 per channel before the search."""
+        total = 0
+        for target in convs:
+            nbytes, error = conv_to_int8(target, result.counts)
+            result.layers.append({**self.record(target, nbytes, error), "precision": "int8"})
+            drop_if_unused(target)
+            total += nbytes
+        return total
 
     def meets(self, metrics: Metrics) -> bool:
         return to_error(self.metric, metric_value(self.metric, metrics)) <= to_error(
@@ -180,7 +200,7 @@ class MixedPrecisionPass(WeightQuantPass):
                 output_error=search.alone(index, precision),
             )
             result.layers.append(line)
-            _drop_if_unused(target)
+            drop_if_unused(target)
 
 
 class Search:

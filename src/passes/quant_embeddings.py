@@ -17,8 +17,8 @@ from onnxopt.passes._weight_quant import (
     Use,
     WeightQuantPass,
     WeightSite,
-    _drop_if_unused,
     add_initializer,
+    drop_if_unused,
     owner,
     replace_node,
     require_opset,
@@ -98,7 +98,7 @@ class QuantEmbeddingsPass(Pass):
             before, after = before + tensor.nbytes, after + nbytes
             result.layers.append(WeightQuantPass.record(self, target, nbytes, rel_error))
             logger.debug("%s: %s quantized", self.name, target.weight.name)
-            _drop_if_unused(target)
+            drop_if_unused(target)
             if target.weight.uses() or target.weight.is_graph_output():
                 add_count(result.counts, "tied-kept", 1)
         result.modified = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -27,6 +28,9 @@ from onnxopt.registry import register_pass
 class QuantInt4Pass(WeightQuantPass):
     """Quantize constant MatMul/Gemm weights to 4 bits in blocks (MatMulNBits or INT4 QDQ).
 
+    Conv weights, which no 4-bit kernel takes, go to int8 per channel (drop ``Conv`` from
+    ``ops`` to keep them in float).
+
     Rules (counted per rewritten node; ``skipped-*`` count uses left in float, with reasons in
     ``misses``):
       1. ``matmul``: ``MatMul(A, W)``, ``W`` a constant ``[K, N]``.
@@ -34,6 +38,8 @@ class QuantInt4Pass(WeightQuantPass):
       3. ``gemm``: ``Gemm(A, B, C)`` with constant ``B`` (``transB`` either way, ``transA=0``);
          ``alpha`` goes into the scales and a per-column constant ``beta * C`` into the bias,
          any other ``C`` into an ``Add`` after.
+      4. ``conv``: a constant ``Conv`` weight becomes int8 per output channel behind
+         ``DequantizeLinear`` (no ORT kernel takes 4-bit Conv weights; opset 13+).
     A weight shared by several nodes is quantized once. ``format=matmulnbits`` emits
     ``com.microsoft::MatMulNBits`` (ORT); ``format=qdq`` emits standard INT4/UINT4 blocked
     ``DequantizeLinear`` (opset 21; the model's opset is converted when lower) feeding the
@@ -42,6 +48,8 @@ class QuantInt4Pass(WeightQuantPass):
 
     name = "quant-int4"
     bits: ClassVar[int] = 4
+    supported_ops: ClassVar[tuple[str, ...]] = ("MatMul", "Gemm", "Conv")
+    ops: list[str] = dataclasses.field(default_factory=lambda: ["MatMul", "Gemm", "Conv"])
     algo: Literal["rtn", "kquant"] = "kquant"
     block: int = 32
     symmetric: bool = True
