@@ -66,6 +66,7 @@ pre { background: #f1f3f5; padding: 10px 12px; border-radius: 6px; white-space: 
 .legend .light::before { opacity: .45; }
 .charts { display: grid; grid-template-columns: repeat(3, 1fr); gap: 18px; }
 .chart-box { border: 1px solid var(--line); border-radius: 8px; padding: 10px 12px 4px; }
+#layers .chart-box { margin-bottom: 16px; }
 .chart-box h3 { font-size: 13.5px; display: flex; justify-content: space-between; }
 .chart-box h3 .range { font-weight: 400; color: var(--muted); }
 .empty { color: var(--muted); padding: 70px 8px; text-align: center; }

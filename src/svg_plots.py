@@ -95,8 +95,10 @@ def bar_chart(
     max_labels: int = 30,
     baseline: float | None = None,
 ) -> str:
-    """Vertical bars on a zero-based axis; ``baseline`` draws a dashed reference line."""
+    """Vertical bars on a zero-based axis (no bar where the value is None, NaN or infinite);
+    ``baseline`` draws a dashed reference line."""
     left, right, top, bottom = 56, width - 8, 18, height - 26
+    bars = [b if _finite(b.value) else dataclasses.replace(b, value=None) for b in bars]
     values = [b.value or 0.0 for b in bars]
     ticks = nice_ticks(max([*values, baseline or 0.0, 0.0]))
     y = _scale(ticks[-1], top, bottom)
@@ -138,6 +140,7 @@ def line_chart(
 ) -> str:
     """Points joined by a line, on a zero-based axis; points with no value are left out."""
     left, right, top, bottom = 56, width - 8, 18, height - 26
+    points = [p if _finite(p.value) else dataclasses.replace(p, value=None) for p in points]
     ticks = nice_ticks(max([p.value or 0.0 for p in points] + [0.0]))
     y = _scale(ticks[-1], top, bottom)
     band = (right - left) / max(len(points), 1)
@@ -242,6 +245,10 @@ def _note(text: str, x: float, y: float, left: float, right: float) -> str:
     elif x - room < left:
         anchor, x = "start", left + 2
     return f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" class="note">{e(text)}</text>'
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
 
 
 def _scale(top_value: float, top: float, bottom: float) -> Callable[[float], float]:

@@ -145,3 +145,28 @@ def test_unreadable_or_unrunnable_model_exits_4(tmp_path: Path) -> None:
     assert_one_line_error(invoke("bench", tmp_path / "empty.onnx"), 4, "not an ONNX model")
     result = invoke("bench", WHISPER, unrunnable(tmp_path), *FAST)
     assert_one_line_error(result, 4, "mystery.onnx", "ONNX Runtime cannot run it")
+
+
+def test_in_process_latency_of_a_model_with_external_data(with_external_data: Path) -> None:
+    from onnxopt import latency, model_io
+
+    model = model_io.load(with_external_data)
+    feeds = GoldenSet.load(WHISPER_GOLDEN).inputs[0]
+    median = latency.model_latency_ms(model, feeds, latency.LatencySettings(runs=3))
+    assert 0 < median < 10_000
+    # No temporary graph file is left beside the weights.
+    assert sorted(p.name for p in with_external_data.parent.iterdir()) == ["w.onnx", "w.onnx.data"]
+
+
+def test_time_runs_counts_warmup_and_timed_runs() -> None:
+    from onnxopt import latency
+
+    class Session:
+        calls = 0
+
+        def run(self, outputs: object, feeds: dict) -> list:
+            Session.calls += 1
+            return []
+
+    times = latency.time_runs(Session(), {}, runs=4, warmup=2)
+    assert Session.calls == 6 and len(times) == 4 and all(t >= 0 for t in times)

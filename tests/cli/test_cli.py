@@ -592,3 +592,52 @@ def test_a_closed_pipe_ends_quietly() -> None:
     proc.stdout.close()  # like `onnxopt passes --json | head -c 0`
     assert proc.wait(timeout=60) == 1
     assert proc.stderr.read() == b""
+
+
+# --- run --latency, HTML report ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--latency", "0"], "--latency expects at least 1 run, got 0"),
+        (["--threads", "2"], "--threads only applies with --latency N"),
+        (["--latency", "2", "--threads", "-1"], "--threads must not be negative"),
+    ],
+)
+def test_bad_latency_options_exit_2(tmp_path: Path, args: list, fragment: str) -> None:
+    result = invoke("run", WHISPER, "-o", tmp_path / "o.onnx", *args)
+    assert_one_line_error(result, 2, fragment)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_run_latency_times_the_input_and_each_changed_model(tmp_path: Path) -> None:
+    import re
+
+    out, page = tmp_path / "o.onnx", tmp_path / "r.html"
+    common = ["run", WHISPER, "-o", out, "--golden", WHISPER_GOLDEN, "--passes"]
+    args = [*common, "cleanup,fold-batchnorm", "--latency", "2", "--threads", "0"]
+    result = invoke(*args, "--json", "--report", page)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["latency_settings"] == {"runs": 2, "threads": 0, "warmup": 1}
+    cleanup, batchnorm = report["passes"]
+    assert report["latency_ms_before"] > 0 and cleanup["latency_ms"] > 0
+    assert cleanup["status"] == "ok" and batchnorm["status"] == "unchanged"
+    assert batchnorm["latency_ms"] is None
+    assert report["ops_before"] == dict(onnxopt.stats.op_histogram(onnxopt.load(WHISPER)))
+    assert report["ops_after"] == dict(onnxopt.stats.op_histogram(onnxopt.load(out)))
+    text = page.read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>") and "<code>fold-batchnorm</code>" in text
+    assert f"{report['latency_ms_before']:.3g} ms" in text
+
+    table = invoke(*common, "cleanup", "--latency", "2")
+    lines = table.stdout.splitlines()
+    column = lines[0].index("latency")
+    assert re.match(r"\d+\.\d\d ms ", lines[2][column:]), lines[2]
+    summary = next(line for line in lines if line.startswith("latency: "))
+    assert re.fullmatch(
+        r"latency: [\d.]+ ms -> [\d.]+ ms \([\d.]+x\), median of 2 runs, 1 thread", summary
+    )
+    plain = invoke(*common, "cleanup").stdout.splitlines()
+    assert "latency" not in plain[0] and not any(line.startswith("latency: ") for line in plain)
