@@ -398,7 +398,8 @@ def _layer_block(index: int, p: PassReport) -> str:
 
 
 def _worst_layers(layers: list[dict[str, Any]], n: int = 5) -> str:
-    ranked = sorted(layers, key=lambda layer: -_float(layer.get("rel_error")))[:n]
+    known = [layer for layer in layers if math.isfinite(_float(layer.get("rel_error")))]
+    ranked = sorted(known, key=lambda layer: -_float(layer.get("rel_error")))[:n]
     rows = "".join(
         f"<tr><td><code>{e(_layer_name(layer))}</code></td><td>{e(layer.get('precision'))}</td>"
         f"<td>{e(TIMES.join(str(d) for d in layer.get('shape') or []))}</td>"

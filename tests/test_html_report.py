@@ -475,3 +475,49 @@ def test_real_report_renders_in_chromium(tmp_path: Path) -> None:
     _, layers_box = pixels_of(image, PRECISION_COLORS["int4"])
     assert weights_box[2] < latency_box[0] and abs(weights_box[3] - latency_box[3]) < 120
     assert layers_box[1] > weights_box[3] and layers_box[2] - layers_box[0] > 800
+
+
+def test_edge_cases_render() -> None:
+    empty = render(Report(pipeline=""))
+    for name in SECTIONS:
+        section(empty, name)
+    assert "No nodes." in section(empty, "ops") and "passed" in section(empty, "summary")
+
+    crashed = PassReport("stream", "stream", "interface", status="error", seconds=0.01)
+    crashed.reason, crashed.error_code = "UnsupportedModelError: a bidirectional <RNN>", 4
+    page = render(Report(pipeline="stream", passes=[crashed], ops_before={"RNN": 1}))
+    assert "failed (exit 4)" in section(page, "summary")
+    assert "<b>Rolled back</b>: UnsupportedModelError: a bidirectional &lt;RNN&gt;" in page
+    assert STATUS_COLORS["error"] in section(page, "timeline")
+
+    layers = [
+        {"name": f"w{i}", "precision": "int4" if i % 3 else "int8", "rel_error": 0.01 + i * 1e-4}
+        for i in range(400)
+    ]
+    layers[7]["rel_error"] = float("nan")
+    layers[8]["rel_error"] = None
+    big = PassReport("q", "q", "approximate", status="ok", layers=layers)
+    (svg,) = svgs(section(render(Report(pipeline="q", passes=[big])), "layers"))
+    bars = [r for r in svg.iter("rect") if r.find("title") is not None]
+    assert len(bars) == 398  # no bar for an unknown error
+    assert {b.get("fill") for b in bars} == {PRECISION_COLORS["int4"], PRECISION_COLORS["int8"]}
+    assert all(float(b.get("width")) >= 1 and float(b.get("height")) > 0 for b in bars)
+    labels = [t for t in svg.iter("text") if t.get("class") == "tick" and t.get("y") == "200.0"]
+    assert 10 <= len(labels) <= 31 and labels[-1].text == "400"
+    # The table of largest errors leaves out the unknown ones.
+    page = section(render(Report(pipeline="q", passes=[big])), "layers")
+    worst = re.findall(r"<tr><td><code>(.*?)</code>", page)
+    assert worst == ["w399", "w398", "w397", "w396", "w395"]
+
+
+def test_latency_without_golden_and_on_a_model_ort_cannot_run() -> None:
+    settings = LatencySettings(runs=1, warmup=0)
+    _, report = Pipeline("cleanup", verify=False, latency=settings).run(tiny_model())
+    assert report.golden == {} and report.latency_ms_before > 0  # on synthesized inputs
+    assert report.passes[0].latency_ms > 0
+
+    node = helper.make_node("Mystery", ["x"], ["y"], domain="my.custom")
+    mystery = make_model([node], {"x": (FLOAT, [2])}, {"y": (FLOAT, [2])})
+    mystery.opset_imports["my.custom"] = 1
+    value, why = Pipeline("cleanup", latency=settings)._latency(mystery, None)
+    assert value is None and "Mystery" in why
