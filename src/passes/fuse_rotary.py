@@ -38,9 +38,11 @@ class _Rotary(pattern.RewriteRuleClassBase):
     ``split``: the halves x1, x2 come from two Slices or from one Split.
     """
 
-    def __init__(self, name: str, *, split: bool, standard: bool, dtypes: frozenset) -> None:
+    def __init__(
+        self, name: str, *, split: bool, standard: bool, dtypes: frozenset, made: list
+    ) -> None:
         super().__init__(name)
-        self.split, self.standard, self.dtypes = split, standard, dtypes
+        self.split, self.standard, self.dtypes, self.made = split, standard, dtypes, made
         self._plan: _Plan | None = None
 
     def pattern(self, op, x, cos, sin):
@@ -86,7 +88,9 @@ class _Rotary(pattern.RewriteRuleClassBase):
         else:
             caches = [op.Reshape(c, _ints(op, [-1, plan.half])) for c in caches]
             y = op.RotaryEmbedding(xp, _positions(op, xp, plan), *caches, _domain=MS_ROTARY[0])
-        return y if identity else op.Transpose(y, perm=[int(a) for a in np.argsort(plan.perm)])
+        out = y if identity else op.Transpose(y, perm=[int(a) for a in np.argsort(plan.perm)])
+        self.made.append((y, out, x, plan.perm))
+        return out
 
 
 # --- checks ------------------------------------------------------------------------------------
@@ -415,13 +419,25 @@ class FuseRotaryPass(FusionPass):
         floats = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16})
         ms_types = frozenset({ir.DataType.FLOAT}) if cpu else floats
         hint = "; ONNX RotaryEmbedding needs a model at opset 23"
+        self._made: list = []  # (op output, rotated value, x, perm) of each rewrite
         return [
-            Fusion("rotary", _rules(False, ms_types), [MS_ROTARY], True, ("Neg",), hint),
-            Fusion("rotary", _rules(True, floats), [ROTARY], True, ("Neg",), hint),
+            Fusion(
+                "rotary", _rules(False, ms_types, self._made), [MS_ROTARY], True, ("Neg",), hint
+            ),
+            Fusion("rotary", _rules(True, floats, self._made), [ROTARY], True, ("Neg",), hint),
         ]
 
+    def after_fusions(self, model: ir.Model) -> None:
+        """The rotated values have x's shape (proven), which ORT's op has no inference for."""
+        for y, out, x, perm in self._made:
+            if x.shape is not None and out.producer() is not None:
+                out.shape = ir.Shape(list(x.shape))
+                y.shape = ir.Shape([x.shape[a] for a in perm])
+                y.type = out.type
+        self._made.clear()
 
-def _rules(standard: bool, dtypes: frozenset) -> list:
+
+def _rules(standard: bool, dtypes: frozenset, made: list) -> list:
     kind = "std" if standard else "ms"
     return [
         _Rotary.rule(
@@ -429,6 +445,7 @@ def _rules(standard: bool, dtypes: frozenset) -> list:
             split=form == "split",
             standard=standard,
             dtypes=dtypes,
+            made=made,
         )
         for form in ("slice", "split")
     ]
