@@ -178,7 +178,7 @@ def _summary(report: Report) -> str:
         (
             "latency",
             f"{ms(lat0)} → {ms(lat1)}" if lat0 is not None else "not measured",
-            ratio(lat0, lat1) if lat0 is not None else "run with <code>--latency N</code>",
+            _latency_ratio(report),
         ),
         ("passes", f"{len(report.passes)}", e(counted)),
         ("time", f"{seconds + checks:.2f} s", f"passes {seconds:.2f} s, checks {checks:.2f} s"),
@@ -195,6 +195,14 @@ def _summary(report: Report) -> str:
         f'<p class="muted">pipeline <code>{e(report.pipeline)}</code></p>\n'
         f'<div class="kpis">{cards}</div>\n<p class="muted">{e(_setup(report))}</p>\n</header>'
     )
+
+
+def _latency_ratio(report: Report) -> str:
+    if report.latency_ms_before is None:
+        return "run with <code>--latency N</code>"
+    if not report.latency_comparable:
+        return "after: one call of the new interface"
+    return ratio(report.latency_ms_before, report.latency_ms_after)
 
 
 def _setup(report: Report) -> str:

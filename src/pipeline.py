@@ -110,6 +110,11 @@ class Pipeline:
                 entry.latency_ms, problem = self._latency(model, feeds)
                 if problem:
                     entry.notes.append(f"latency not measured: {problem}")
+                elif pass_.kind == "interface":
+                    entry.notes.append(
+                        "latency: one call of the new interface on synthesized inputs "
+                        "(e.g. one chunk), not comparable with the model before"
+                    )
             if entry.status in ("failed", "error"):
                 if not self.keep_going:
                     break

@@ -84,6 +84,12 @@ class Report:
         return changed[-1].latency_ms if changed else self.latency_ms_before
 
     @property
+    def latency_comparable(self) -> bool:
+        """Whether the first and last latency time the same work: no interface pass (streaming)
+        changed what one call of the model computes."""
+        return not any(p.status == "ok" and p.kind == "interface" for p in self.passes)
+
+    @property
     def exit_code(self) -> int:
         """0 if every pass held (or ``keep_going``), 3 if one failed verification, the error's own
         code when a pass refused the model (2 bad option, 4 unsupported model), 1 on a crash."""

@@ -521,3 +521,18 @@ def test_latency_without_golden_and_on_a_model_ort_cannot_run() -> None:
     mystery.opset_imports["my.custom"] = 1
     value, why = Pipeline("cleanup", latency=settings)._latency(mystery, None)
     assert value is None and "Mystery" in why
+
+
+def test_latency_after_an_interface_pass_is_not_a_ratio() -> None:
+    from onnxopt.cli.render import latency_line
+
+    report = sample_report()
+    assert report.latency_comparable
+    assert latency_line(report) == (
+        "latency: 2.00 ms -> 1.20 ms (0.60x), median of 3 runs, 1 thread"
+    )
+    report.passes[0].kind = "interface"  # an ok pass that changed what one call computes
+    assert not report.latency_comparable
+    assert latency_line(report).startswith("latency: 2.00 ms -> 1.20 ms per call of the new")
+    head = section(render(report), "summary")
+    assert "after: one call of the new interface" in head and "0.60\u00d7" not in head

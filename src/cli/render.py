@@ -115,6 +115,8 @@ def latency_line(report: Report) -> str:
         return f"latency: input model not measured ({how})"
     if after is None or after == before:
         return f"latency: {before:.2f} ms, no pass changed it measurably ({how})"
+    if not report.latency_comparable:
+        return f"latency: {before:.2f} ms -> {after:.2f} ms per call of the new interface, {how}"
     return f"latency: {before:.2f} ms -> {after:.2f} ms ({after / before:.2f}x), {how}"
 
 
