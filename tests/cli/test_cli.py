@@ -641,3 +641,18 @@ def test_run_latency_times_the_input_and_each_changed_model(tmp_path: Path) -> N
     )
     plain = invoke(*common, "cleanup").stdout.splitlines()
     assert "latency" not in plain[0] and not any(line.startswith("latency: ") for line in plain)
+
+
+def test_latency_run_still_rolls_back_and_writes_the_reproducer(
+    tmp_path: Path, plugin: Path
+) -> None:
+    out, page = tmp_path / "out.onnx", tmp_path / "r.html"
+    result = onnxopt_cli(
+        *("run", WHISPER, "-o", out, "--golden", WHISPER_GOLDEN, "--plugin", plugin),
+        *("--passes", "cleanup,scale-weight", "--latency", "1", "--report", page),
+    )
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert not out.exists() and (tmp_path / "out.before-scale-weight.onnx").is_file()
+    text = page.read_text(encoding="utf-8")
+    assert "failed (exit 3)" in text and "out.before-scale-weight.onnx" in text
+    assert "--plugin" in text  # the reproducer names the plugin, as in the table
