@@ -166,7 +166,7 @@ def _summary(report: Report) -> str:
     counts = {s: sum(1 for p in report.passes if p.status == s) for s in STATUS_COLORS}
     counted = " · ".join(f"{n} {s}" for s, n in counts.items() if n)
     seconds = sum(p.seconds for p in report.passes)
-    checks = sum(p.verify_seconds for p in report.passes)
+    checking = sum(p.verify_seconds for p in report.passes)
     output = (
         f"<code>{e(report.output)}</code>"
         if report.output
@@ -181,7 +181,11 @@ def _summary(report: Report) -> str:
             _latency_ratio(report),
         ),
         ("passes", f"{len(report.passes)}", e(counted)),
-        ("time", f"{seconds + checks:.2f} s", f"passes {seconds:.2f} s, checks {checks:.2f} s"),
+        (
+            "time",
+            f"{seconds + checking:.2f} s",
+            f"passes {seconds:.2f} s, checks {checking:.2f} s",
+        ),
     ]
     cards = "".join(
         f'<div class="kpi"><div class="k">{k}</div><div class="v">{e(v)}</div>'
