@@ -139,4 +139,7 @@ def test_rotary_fuses_and_attention_still_does(name: str) -> None:
     inventory = MODELS[name]["inventory"]
     assert histogram[f"{MS}RotaryEmbedding"] == inventory["rotary"]
     assert sum(histogram[op] for op in GROUPS["attention"]) == inventory["attention"]
+    # grouped-query heads without a cache: GroupQueryAttention; with one, MultiHeadAttention
+    gqa = 0 if "_kv_" in name else inventory.get("group_query_attention", 0)
+    assert histogram[f"{MS}GroupQueryAttention"] == gqa
     assert "Neg" not in histogram

@@ -16,6 +16,7 @@ from onnxopt.registry import register_pass
 from onnxopt.targets import Target
 
 MHA = ("com.microsoft", "MultiHeadAttention")
+GQA = ("com.microsoft", "GroupQueryAttention")
 ATTENTION = ("", "Attention")
 _BSND = [0, 2, 1, 3]
 
@@ -161,6 +162,60 @@ class _MultiHeadAttention(_AttentionRule):
             scale=plan.scale,
         )
         if plan.nan_rows:  # MHA returns NaN for a row masked entirely by -inf; the graph zeroes it
+            y = op.Where(op.IsNaN(y), _zero(op, plan.q.bnsh.dtype), y)
+        return y, True
+
+
+class _GroupQueryAttention(_AttentionRule):
+    """``com.microsoft::GroupQueryAttention`` for repeated K/V heads without a cache.
+
+    Q, K and V go in 3-D (K/V un-repeated), the mask as ``attention_bias`` with ``causal=0``,
+    every key valid (``seqlens_k`` = T - 1). ORT 1.32's CPU kernel refuses batches > 1 with
+    past context and several query tokens, so a cache stays with MultiHeadAttention: the
+    query and key lengths must be proven equal.
+    """
+
+    def _adapt(self, plan: _Plan) -> None:
+        k, v = plan.k, plan.v
+        if plan.heads is None or k.repeat < 2 or k.repeat != v.repeat or k.heads != v.heads:
+            raise NotFusable("K/V heads are not repeated to the query heads alike", k.bnsh)
+        if k.heads is None or None in (plan.q.size, k.size, v.size):
+            raise NotFusable("the K/V head count or a head size is not static", k.bnsh)
+        if not plan.q.size == k.size == v.size:
+            raise NotFusable("Q, K and V head sizes differ", v.bnsh)
+        if not plan.dims.same(plan.q.dim(plan.dims, "L"), k.dim(plan.dims, "L")):
+            raise NotFusable(
+                "the key length is not provably the query length (a cache: GroupQueryAttention "
+                "on CPU takes past context only for one batch row or one token)",
+                k.bnsh,
+            )
+
+    def _emit(self, op, plan: _Plan, want_flat: bool) -> tuple[ir.Value, bool]:
+        query = _as_flat(op, plan.q)
+        key, value = _as_flat(op, plan.k, repeated=False), _as_flat(op, plan.v, repeated=False)
+        total = op.Cast(op.Squeeze(_slice_dim(op, key, 1)), to=ir.DataType.INT32)
+        batch = _slice_dim(op, query, 0)
+        seqlens = op.Expand(
+            op.Sub(total, op.Constant(value=ir.tensor(np.array(1, np.int32)))), batch
+        )
+        bias = _bias(op, plan, rank=4)
+        y, _, _ = op.GroupQueryAttention(
+            query,
+            key,
+            value,
+            None,
+            None,
+            seqlens,
+            total,
+            *([None, None, None, bias] if bias is not None else []),
+            _domain=GQA[0],
+            _outputs=3,
+            num_heads=plan.heads,
+            kv_num_heads=plan.k.heads,
+            scale=plan.scale,
+            causal=0,
+        )
+        if plan.nan_rows:  # rows masked entirely by -inf are NaN, the graph zeroes them
             y = op.Where(op.IsNaN(y), _zero(op, plan.q.bnsh.dtype), y)
         return y, True
 
@@ -645,7 +700,14 @@ _FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT1
 class FuseAttentionPass(FusionPass):
     """Fuse scaled-dot-product attention subgraphs into one attention op.
 
-    Rules (alternatives of the fusion ``attention``: the first whose op the target runs):
+    Rules (alternatives of the fusion ``attention``: the first whose ops the target runs):
+      0. ``GroupQueryAttention-merged`` / ``-4d`` (ORT targets with it, tried before rule 1 on
+         each match): K/V heads repeated to the query heads (transformers' repeat_kv) and the
+         key length proven the query length (no cache) become ``com.microsoft::
+         GroupQueryAttention(q, k, v, seqlens_k=T-1, total_sequence_length=T, attention_bias=M',
+         num_heads, kv_num_heads, scale=s, causal=0)`` with 3-D un-repeated k/v. With a cache,
+         ORT 1.32's CPU kernel refuses several query tokens for more than one batch row, so
+         rule 1 takes it.
       1. ``MultiHeadAttention-merged`` / ``-4d`` (ORT targets, float32 on CPU):
          ``Softmax(s·(Q @ Kᵀ) + M) @ V``, with the head merge ``Reshape(Transpose(., 0213))``
          after it (merged) or not (4d), becomes ``com.microsoft::MultiHeadAttention(q, k, v,
@@ -676,9 +738,9 @@ class FuseAttentionPass(FusionPass):
 
     Not fused: scores or probabilities used elsewhere; non-constant or per-head scales;
     fills that are not additive (not -inf or lowest); 3-D (bmm) attention; float16 for
-    MultiHeadAttention on CPU. ``com.microsoft::GroupQueryAttention`` is never emitted: it
-    takes the mask as per-row key lengths (right padding, causal), to which an arbitrary
-    additive mask does not reduce; MultiHeadAttention on the repeated K/V is exact.
+    MultiHeadAttention/GroupQueryAttention on CPU. GroupQueryAttention's mask stays the
+    additive ``attention_bias`` (``causal=0``, every key valid): its per-row key lengths
+    (right padding) are not what an arbitrary additive mask reduces to.
     """
 
     name = "fuse-attention"
@@ -689,7 +751,15 @@ class FuseAttentionPass(FusionPass):
         a23_types = _FLOATS | {ir.DataType.DOUBLE}
         self._pending: list = []  # what the applied rewrites leave to ``after_fusions``
         hint = "; ONNX Attention needs a model at opset 23"
+        gqa = _rules(_GroupQueryAttention, mha_types, self._pending)
         return [
+            Fusion(
+                "attention",
+                gqa + _rules(_MultiHeadAttention, mha_types, self._pending),
+                [MHA, GQA],
+                anchors=("Softmax",),
+                hint=hint,
+            ),
             Fusion(
                 "attention",
                 _rules(_MultiHeadAttention, mha_types, self._pending),

@@ -213,6 +213,7 @@ def _core(model: ir.Model) -> list[str]:
 
 
 MHA = "MultiHeadAttention"
+GQA = "GroupQueryAttention"
 PROJECTIONS = ["MatMul", "Add", "MatMul", "Add", "MatMul", "Add"]
 
 
@@ -426,10 +427,25 @@ def test_causal_decoder_becomes_multi_head_attention(spec: Decoder, rng) -> None
     model = decoder(spec, rng)
     assert fuse(model, rng).counts == {"attention": 1}
     assert "Softmax" not in op_types(model)
-    (node,) = [n for n in model.graph if n.op_type == MHA]
+    (node,) = [n for n in model.graph if n.op_type in (MHA, GQA)]
     assert node.attributes["num_heads"].value == N
-    if spec.kv_heads != N:  # MultiHeadAttention takes the repeated K/V heads, in 4-D
+    if spec.packed and spec.kv_heads != N:  # Q/K/V of one length: grouped-query attention
+        assert node.op_type == GQA and node.attributes["kv_num_heads"].value == spec.kv_heads
+        assert [v.producer().op_type for v in node.inputs[:3]] == ["Split"] * 3
+        assert node.attributes["causal"].value == 0 and node.inputs[10] is not None
+    elif spec.kv_heads != N:  # rotary keeps no sequence length: the repeated K/V heads, 4-D
+        assert node.op_type == MHA
         assert [v.producer().op_type for v in node.inputs[1:3]] == ["Reshape", "Reshape"]
+
+
+@pytest.mark.parametrize("padding", [False, True])
+def test_grouped_query_heads_become_group_query_attention(padding: bool, rng) -> None:
+    """Q, K, V in 3-D (K/V un-repeated), the causal and padding masks as attention_bias."""
+    model = decoder(Decoder(kv_heads=1, padding=padding), rng)
+    assert fuse(model, rng).counts == {"attention": 1}
+    (node,) = [n for n in model.graph if n.op_type == GQA]
+    assert [v.shape[-1] if v.shape else None for v in node.inputs[:3]] == [E, D, D]  # 1 KV head
+    assert node.attributes["causal"].value == 0 and node.inputs[10] is not None
 
 
 def test_attention_23_makes_the_trilu_mask_is_causal(rng) -> None:
