@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -25,16 +26,23 @@ PENDING = {
 }
 PLACEHOLDER = "This page is being written."
 log = logging.getLogger("mkdocs.hooks.onnxopt")
-_shims: list[str] = []
 
 
 @event_priority(100)  # before mkdocstrings reads sys.path in its own on_config
 def on_config(config: Any) -> Any:
-    """Append a folder holding ``onnxopt -> src`` to the path griffe searches for packages."""
-    shim = Path(tempfile.mkdtemp(prefix="onnxopt-docs-"))
-    (shim / "onnxopt").symlink_to(SRC, target_is_directory=True)
-    sys.path.append(str(shim))
-    _shims.append(str(shim))
+    """Append a folder holding ``onnxopt -> src`` to the path griffe searches for packages.
+
+    The folder is named after this checkout and reused by every build (nothing to clean up).
+    """
+    digest = hashlib.sha1(str(SRC).encode()).hexdigest()[:10]
+    shim = Path(tempfile.gettempdir()) / f"onnxopt-docs-{digest}"
+    link = shim / "onnxopt"
+    if not link.is_symlink():
+        shim.mkdir(exist_ok=True)
+        with contextlib.suppress(FileExistsError):  # a build running beside this one made it
+            link.symlink_to(SRC, target_is_directory=True)
+    if str(shim) not in sys.path:
+        sys.path.append(str(shim))
     return config
 
 
@@ -60,12 +68,3 @@ def on_page_content(html: str, page: Any, **kwargs: Any) -> str:
     if page.file.generated_by and PLACEHOLDER in page.markdown:
         page.present_anchor_ids = None
     return html
-
-
-def on_shutdown() -> None:
-    """Remove the shims."""
-    while _shims:
-        shim = _shims.pop()
-        if shim in sys.path:
-            sys.path.remove(shim)
-        shutil.rmtree(shim, ignore_errors=True)
