@@ -1,5 +1,5 @@
-"""The docs site: it builds with warnings as errors, its pass reference follows the registry, and
-every command on the how-to pages runs as written."""
+"""The docs site: it builds with warnings as errors, its pass reference follows the registry,
+every command on the how-to pages runs as written, and troubleshooting quotes real errors."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ from typing import Literal
 
 import pytest
 import yaml
+from click.testing import CliRunner
 from conftest import ROOT
 
 import onnxopt
 from onnxopt import Pass, PassResult, pass_reference, registry
+from onnxopt.cli.main import cli
 
 DOCS = ROOT / "docs"
 BIN = Path(sys.executable).parent
@@ -148,3 +150,48 @@ def test_bash_completion_completes_commands() -> None:
     result = subprocess.run([BIN / "onnxopt"], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "plain,run" in result.stdout.splitlines()
+
+
+def test_troubleshooting_covers_every_exit_code() -> None:
+    from onnxopt import errors
+
+    text = (DOCS / "troubleshooting.md").read_text()
+    codes = {
+        cls.exit_code
+        for cls in vars(errors).values()
+        if isinstance(cls, type) and issubclass(cls, errors.OnnxoptError)
+    }
+    for code in codes:
+        assert f"## Exit {code}: " in text, code
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (["run", "model.onnx", "-o", "{out}"], 4),
+        (["run", "{kws}", "-o", "{out}", "--passes", "fuse-atention"], 2),
+        (["run", "{kws}", "-o", "{out}", "--passes", "quant-int4(blok=32)"], 2),
+        (["run", "{kws}", "-o", "{out}", "--passes", "quant-int4(algo=gptq)"], 2),
+        (["run", "{kws}", "-o", "{out}", "--golden", "DIR"], 2),
+        (["run", "{kws}", "-o", "{out}", "--golden", "{whisper_golden}"], 2),
+        (["run", "{kws}", "-o", "{out}", "--passes", "lower", "--target", "onnx-99"], 2),
+        (["run", "{kws}", "-o", "{out}", "--target", "onnx-13"], 2),
+        (["run", "{kws}", "-o", "{out}", "--tolerance", "exact.foo=1"], 2),
+    ],
+)
+def test_troubleshooting_quotes_real_messages(
+    args: list[str], code: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The error a user gets is the one the page explains, word for word (paths aside)."""
+    paths = {
+        "out": str(tmp_path / "out.onnx"),
+        "kws": str(ROOT / "golden" / "kws_gru.onnx"),
+        "whisper_golden": str(ROOT / "golden" / "whisper_encoder.golden"),
+    }
+    monkeypatch.chdir(tmp_path)  # no model.onnx, no DIR here
+    result = CliRunner().invoke(cli, [a.format(**paths) for a in args])
+    assert result.exit_code == code, result.output
+    message = result.output.strip().splitlines()[-1].removeprefix("error: ")
+    message = re.sub(r"^pipeline '.*?', column \d+: ", "", message)  # echoes the user's spec
+    text = (DOCS / "troubleshooting.md").read_text()
+    assert message.split(" (built-in")[0] in text, message
