@@ -18,7 +18,7 @@ MS_ROTARY = ("com.microsoft", "RotaryEmbedding")
 ROTARY = ("", "RotaryEmbedding")
 _BIG = 2**31 - 1  # a Slice end at or past this means "to the end"
 _MAX_DEPTH = 16
-# ops whose output axes map one to one to their first input's (the others broadcast into it)
+# elementwise ops: an output axis is an input's where the other inputs broadcast into it
 _ELEMENTWISE = {"Cos", "Sin", "Cast", "Neg", "Identity", "Mul", "Div", "Add", "Sub"}
 
 
@@ -108,7 +108,7 @@ def _halves(x: ir.Value, x1: ir.Value, x2: ir.Value, rot: ir.Value) -> int:
     if node.op_type == "Split":
         _check_split(node, half)
     else:
-        _check_slice(x1.producer(), 0, half, size)
+        _check_slice(node, 0, half, size)
         _check_slice(x2.producer(), half, size, size)
     concat = rot.producer()
     if ap.int_attr(concat, "axis", 0) not in (-1, 3):
@@ -117,6 +117,8 @@ def _halves(x: ir.Value, x1: ir.Value, x2: ir.Value, rot: ir.Value) -> int:
 
 
 def _check_split(node: ir.Node, half: int) -> None:
+    if len(node.outputs) != 2:
+        raise NotFusable(f"the Split has {len(node.outputs)} outputs, not two halves", node)
     if ap.int_attr(node, "axis", 0) not in (-1, 3):
         raise NotFusable("the Split is not over the last axis", node)
     sizes = ap.numeric(node.inputs[1]) if len(node.inputs) > 1 else None
@@ -179,13 +181,11 @@ def _keeps_last_axis(node: ir.Node, out_rank: int | None) -> bool:
     if node.op_type == "Gather":
         axis = ap.int_attr(node, "axis", 0)
         return (axis + in_rank if axis < 0 else axis) != in_rank - 1
-    found = (
-        ap.numeric(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
-    )
-    starts = ap.numeric(node.inputs[1])
-    if found is None and starts is None:
-        return False
-    axes = range(starts.size) if found is None else [int(a) % in_rank for a in found.reshape(-1)]
+    listed = len(node.inputs) > 3 and node.inputs[3] is not None
+    found = ap.numeric(node.inputs[3] if listed else node.inputs[1])
+    if found is None:
+        return False  # axes (or, without them, how many) not known
+    axes = [int(a) % in_rank for a in found.reshape(-1)] if listed else range(found.size)
     return in_rank - 1 not in axes
 
 
