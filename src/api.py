@@ -10,6 +10,7 @@ import onnx_ir as ir
 
 from onnxopt import model_io
 from onnxopt.golden import GoldenSet
+from onnxopt.latency import LatencySettings
 from onnxopt.pass_api import Pass
 from onnxopt.pipeline import Pipeline
 from onnxopt.report import Report
@@ -28,6 +29,7 @@ def optimize(
     output: str | os.PathLike | None = None,
     external_data: bool | None = None,
     progress: Callable[[str], None] | None = None,
+    latency: LatencySettings | None = None,
 ) -> tuple[ir.Model, Report]:
     """Run a pipeline on a model, verifying every pass, and optionally save the result.
 
@@ -44,6 +46,8 @@ def optimize(
             ``keep_going`` is off; the model from before the failing pass is written beside it.
         external_data: Force (True) or forbid (False) external data for the output.
         progress: Called with a message as each pass starts.
+        latency: Time the input model and the model after each pass that changed it in ORT
+            CPU (median ms in the report).
 
     Returns:
         The optimized model and the report.
@@ -67,6 +71,7 @@ def optimize(
         reproducer_dir=out_path.parent if out_path else None,
         reproducer_stem=out_path.stem if out_path else "model",
         progress=progress,
+        latency=latency,
     )
     result, report = pipeline.run(loaded)
     report.input = str(source) if source else ""

@@ -82,7 +82,7 @@ def model_latency_ms(
     from onnxopt import ort_runner
 
     options = session_options("all", settings.threads)
-    session = ort_runner._create_session(model, ir.to_proto(model), options)
+    session = ort_runner.create_session(model, ir.to_proto(model), options)
     return statistics.median(time_runs(session, feeds, settings.runs, settings.warmup))
 
 

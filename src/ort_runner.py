@@ -35,7 +35,7 @@ class RunnableModel:
         # Pre-packing would copy every MatMul weight; verification does not need the speed.
         options.add_session_config_entry("session.disable_prepacking", "1")
         try:
-            self._session = _create_session(model, proto, options)
+            self._session = create_session(model, proto, options)
         except Exception as err:
             raise VerificationError(f"ONNX Runtime cannot load the model: {_line(err)}") from None
         self.output_names = [o.name for o in self._session.get_outputs()]
@@ -54,7 +54,7 @@ def run(model: ir.Model, cases: list[dict[str, np.ndarray]]) -> list[dict[str, n
     return [runnable.run(feeds) for feeds in cases]
 
 
-def _create_session(
+def create_session(
     model: ir.Model, proto: onnx.ModelProto, options: ort.SessionOptions
 ) -> ort.InferenceSession:
     providers = ["CPUExecutionProvider"]

@@ -160,6 +160,8 @@ class Pipeline:
         entry.nodes_before = node_count(model)
         entry.bytes_before = model_io.weight_bytes(model)
         before = model.clone()
+        if getattr(pass_, "needs_golden", False):
+            pass_.golden = golden  # mixed-precision measures its candidates on the golden set
         start = time.perf_counter()
         try:
             result = pass_(model)

@@ -305,7 +305,7 @@ def run(
         click.echo(f"wrote {saved}", err=as_json)
     show_progress = verbose or not (as_json or quiet)
     progress = render.progress_printer(always=verbose) if show_progress else None
-    _, report = optimize(
+    _, report = onnxopt.optimize(
         model,
         passes,
         latency=latency,
@@ -352,50 +352,6 @@ def latency_settings(runs: int | None, threads: int | None) -> latency_mod.Laten
     if threads is not None and threads < 0:
         raise UsageError(f"--threads must not be negative, got {threads}")
     return latency_mod.LatencySettings(runs=runs, threads=1 if threads is None else threads)
-
-
-def optimize(
-    model: Path,
-    passes: list[onnxopt.Pass],
-    *,
-    latency: latency_mod.LatencySettings | None,
-    output: Path,
-    external_data: bool | None,
-    golden: Path | None,
-    **pipeline_args: Any,
-) -> tuple[Any, onnxopt.Report]:
-    """``onnxopt.optimize``, with latency measured by the pass manager when asked for.
-
-    ``optimize()`` has no ``latency`` argument yet, so that case builds the Pipeline itself,
-    following ``optimize()`` step by step (protected input, reproducers beside the output).
-    """
-    if latency is None:
-        return onnxopt.optimize(
-            model,
-            passes,
-            golden=golden,
-            output=output,
-            external_data=external_data,
-            **pipeline_args,
-        )
-    loaded = model_io.load(model)
-    out_path = output.absolute()
-    protected = (model, *model_io.external_data_files(loaded))
-    model_io.check_writable(out_path, protected)
-    pipeline = onnxopt.Pipeline(
-        passes,
-        golden=onnxopt.GoldenSet.load(golden) if golden is not None else None,
-        reproducer_dir=out_path.parent,
-        reproducer_stem=out_path.stem,
-        latency=latency,
-        **pipeline_args,
-    )
-    result, report = pipeline.run(loaded)
-    report.input = str(model)
-    if report.exit_code == 0:
-        model_io.save(result, out_path, external_data=external_data, protected=protected)
-        report.output = str(out_path)
-    return result, report
 
 
 def build_passes(spec_text: str, target: str | None) -> list[onnxopt.Pass]:

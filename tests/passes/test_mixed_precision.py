@@ -9,7 +9,7 @@ from conftest import FLOAT, WHISPER, WHISPER_GOLDEN, make_model, run
 from onnx import helper
 
 from onnxopt import golden as golden_mod
-from onnxopt import model_io, spec
+from onnxopt import model_io, optimize, spec
 from onnxopt.errors import UsageError, VerificationError
 from onnxopt.golden import GoldenSet
 from onnxopt.metrics import Tolerance, compare_all
@@ -234,3 +234,14 @@ def test_whisper_encoder_meets_budget_smaller_than_int8():
     precisions = [line["precision"] for line in result.layers]
     assert len(precisions) == 14 and {"int4", "int8"} <= set(precisions)  # 12 MatMul, 2 Conv
     assert result.counts["conv"] == 2
+
+
+def test_the_pipeline_hands_its_golden_set_to_the_search(monkeypatch):
+    def no_capture(*args, **kwargs):
+        raise AssertionError("the pass captured its own golden set")
+
+    monkeypatch.setattr(golden_mod, "capture", no_capture)
+    _, report = optimize(WHISPER, "mixed-precision", golden=WHISPER_GOLDEN)
+    (entry,) = report.passes
+    assert entry.status == "ok" and entry.metrics["cosine"] >= 0.999
+    assert entry.bytes_after < 0.3 * entry.bytes_before
