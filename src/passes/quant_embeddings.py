@@ -47,15 +47,16 @@ class QuantEmbeddingsPass(Pass):
     ``table`` a constant 2-D float32/float16 initializer ``[vocab, hidden]``. A table read by
     several Gathers is quantized once. ``format=gbq`` emits com.microsoft
     ``GatherBlockQuantized(data, ids, scales, [zero_points], gather_axis=0, quantize_axis=1)``
-    (ORT); ``format=qdq`` emits ``Gather(DequantizeLinear(data, scales, [zp], axis=1,
-    block_size), ids)`` (standard, opset 21: the model's opset is converted when lower; the
-    whole table is dequantized on every run, so it saves size, not time).
+    (ORT; uint8 data, 4-bit codes two a byte: ORT 1.32's fast path). ``format=qdq`` emits
+    ``Gather(DequantizeLinear(data, scales, [zp], axis=1, block_size), ids)`` (standard, opset
+    21: the model's opset is converted when lower); ORT dequantizes the whole table on every
+    run, so it saves size and costs time.
 
     A table that other nodes also read (a tied LM head ``MatMul(x, Transpose(table))``, a
     Gather on axis 1, a graph output) stays float unless ``tied=copy``: then the Gathers read
     a quantized copy and the float table stays for the other readers (``quant-int4`` after
-    this pass can quantize those). Uses left in float count as ``skipped-*`` with reasons in
-    ``misses``.
+    this pass quantizes a MatMul's use and drops it). Uses left in float count as
+    ``skipped-*`` with reasons in ``misses``.
     """
 
     name = "quant-embeddings"
@@ -106,6 +107,8 @@ class QuantEmbeddingsPass(Pass):
             f"{len(targets)} tables quantized to {self.bits} bits: "
             f"{before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB"
         )
+        if self.format == "qdq":
+            result.notes.append("format=qdq: ORT dequantizes each whole table on every run")
         if result.counts.get("tied-kept"):
             result.notes.append(
                 f"{result.counts['tied-kept']} float table kept for its other readers (tied=copy)"
@@ -168,7 +171,7 @@ class QuantEmbeddingsPass(Pass):
     def rewrite(self, target: WeightSite, counts: dict[str, int]) -> tuple[int, float | None]:
         """Quantize the table once; every Gather reads it. Returns (new bytes, rel_error)."""
         quant = self.quantize(weight_rows(target))
-        tensors = packing.gather_block_quantized(quant, signed8=self.format == "qdq")
+        tensors = packing.gather_block_quantized(quant, standard=self.format == "qdq")
         inputs = _initializers(target, tensors, quant)
         if self.format == "gbq":
             _to_gather_block_quantized(target, inputs, quant, counts)

@@ -121,34 +121,46 @@ def dequantize_linear_int4(quant: Blockwise) -> dict[str, np.ndarray | bool]:
 
 
 def gather_block_quantized(
-    quant: Blockwise, *, signed8: bool = False
+    quant: Blockwise, *, standard: bool = False
 ) -> dict[str, np.ndarray | str]:
     """The tensors of a table ``[V, H]`` quantized in blocks along H (``quant`` holds its rows).
 
-    For com.microsoft GatherBlockQuantized (``gather_axis=0, quantize_axis=1``), checked in
-    ORT 1.32 CPU, and for DequantizeLinear-21 with ``axis=1, block_size=block``. Returns
-    ``data`` and ``data_type``, ``scales`` ``[V, k_blocks]`` float32 and, asymmetric only,
-    ``zero_points`` (``data_type`` too), both without the padding of the last block:
+    Returns ``data`` and ``data_type``, ``scales`` ``[V, k_blocks]`` float32 and, asymmetric
+    only, ``zero_points``; the padding of the last block is dropped. Layouts checked in ORT
+    1.32 CPU.
 
-    - 4 bits: INT4 ``[V, H]`` (symmetric: ``q - 8``; GatherBlockQuantized's default zero point
-      for 4-bit types is 0) or UINT4 with UINT4 zero points; ONNX flat packing
-      (:func:`pack_4bit_flat`), so H may be odd.
-    - 8 bits: UINT8 ``[V, H]`` (symmetric: no zero point, GatherBlockQuantized's default is
-      128) and UINT8 zero points ``[V, k_blocks]``; ``signed8`` gives INT8 ``q - 128`` instead
-      for a symmetric table (DequantizeLinear's default zero point is 0).
+    com.microsoft GatherBlockQuantized (``gather_axis=0, quantize_axis=1``), the default:
+
+    - 8 bits: UINT8 ``[V, H]``; zero points UINT8 ``[V, k_blocks]`` (symmetric: none, the
+      op's default for uint8 is 128).
+    - 4 bits, H even: UINT8 ``[V, H / 2]``, two codes per byte along H, low nibble first
+      (ORT's fast path); zero points packed per row like MatMulNBits' (:func:`pack_zero_points`,
+      symmetric: none, the default is 8).
+    - 4 bits, H odd: as ``standard`` (UINT8 would gather ``H + 1`` values per row).
+
+    ``standard`` (DequantizeLinear-21, ``axis=1, block_size=block``): 4 bits INT4 ``q - 8``
+    (symmetric; GatherBlockQuantized's default zero point for 4-bit types is 0 too) or UINT4
+    with UINT4 zero points ``[V, k_blocks]``, ONNX flat packing (:func:`pack_4bit_flat`);
+    8 bits INT8 ``q - 128`` (symmetric) or UINT8 with UINT8 zero points.
     """
     codes = quant.codes.reshape(quant.n, -1)[:, : quant.k]
     result: dict[str, np.ndarray | str] = {"scales": quant.scales}
-    if quant.bits == 4:
-        result["data_type"] = "int4" if quant.symmetric else "uint4"
-        result["data"] = pack_4bit_flat(codes ^ np.uint8(8) if quant.symmetric else codes)
-        if not quant.symmetric:
+    symmetric = quant.symmetric
+    if quant.bits == 4 and (standard or quant.k % 2):
+        result["data_type"] = "int4" if symmetric else "uint4"
+        result["data"] = pack_4bit_flat(codes ^ np.uint8(8) if symmetric else codes)
+        if not symmetric:
             result["zero_points"] = pack_4bit_flat(quant.zero_points)
+    elif quant.bits == 4:
+        result["data_type"] = "uint8"
+        result["data"] = pack_codes(codes, 4)
+        if not symmetric:
+            result["zero_points"] = pack_zero_points(quant.zero_points, 4)
     elif quant.bits == 8:
-        signed = signed8 and quant.symmetric
+        signed = standard and symmetric
         result["data_type"] = "int8" if signed else "uint8"
         result["data"] = (codes ^ np.uint8(0x80)).view(np.int8) if signed else codes.copy()
-        if not quant.symmetric:
+        if not symmetric:
             result["zero_points"] = quant.zero_points.copy()
     else:
         raise ValueError(f"tables are quantized to 4 or 8 bits, not {quant.bits}")

@@ -32,8 +32,8 @@ def _reference(table, bits=4, block=32, symmetric=True, algo="kquant"):
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize(("bits", "data_type"), [(4, "INT4"), (8, "UINT8")])
-def test_gather_becomes_gather_block_quantized(rng, bits, data_type, symmetric):
+@pytest.mark.parametrize(("bits", "width", "zp_width"), [(4, H // 2, 1), (8, H, 2)])
+def test_gather_becomes_gather_block_quantized(rng, bits, width, zp_width, symmetric):
     model, table = _embedding(rng)
     result = QuantEmbeddingsPass(bits=bits, symmetric=symmetric)(model)
     assert result.modified and result.counts == {"gather": 1}
@@ -42,11 +42,14 @@ def test_gather_becomes_gather_block_quantized(rng, bits, data_type, symmetric):
     assert node.domain == "com.microsoft" and node.name == "embed"
     attributes = {k: a.value for k, a in node.attributes.items()}
     assert attributes == {"gather_axis": 0, "quantize_axis": 1, "block_size": 32, "bits": bits}
-    data = node.inputs[0].const_value
-    if not symmetric and bits == 4:
-        data_type = "UINT4"
-    assert data.dtype == ir.DataType[data_type] and list(data.shape) == [V, H]
-    assert len(node.inputs) == (3 if symmetric else 4) and "table" not in model.graph.initializers
+    data = node.inputs[0].const_value  # uint8; 4 bits: two codes a byte along hidden
+    assert data.dtype == ir.DataType.UINT8 and list(data.shape) == [V, width]
+    assert list(node.inputs[2].const_value.shape) == [V, H // 32]
+    if symmetric:
+        assert len(node.inputs) == 3
+    else:
+        assert list(node.inputs[3].const_value.shape) == [V, zp_width]
+    assert "table" not in model.graph.initializers
     expected = _reference(table, bits=bits, symmetric=symmetric)[IDS]
     np.testing.assert_array_equal(run(model, {"ids": IDS})["y"], expected)
 
@@ -62,10 +65,13 @@ def test_layer_record_and_sizes(rng):
     assert layer["rel_error"] == pytest.approx(error, rel=1e-4) and 0 < error < 0.1
 
 
-def test_odd_hidden_size_pads_the_last_block(rng):
+@pytest.mark.parametrize(("symmetric", "data_type"), [(True, "INT4"), (False, "UINT4")])
+def test_odd_hidden_size_uses_4bit_types(rng, symmetric, data_type):
     model, table = _embedding(rng, h=33)
-    QuantEmbeddingsPass(block=16, min_elements=0)(model)
-    expected = _reference(table, block=16)[IDS]
+    QuantEmbeddingsPass(block=16, min_elements=0, symmetric=symmetric)(model)
+    data = model.graph.node(0).inputs[0].const_value
+    assert data.dtype == ir.DataType[data_type] and list(data.shape) == [V, 33]
+    expected = _reference(table, block=16, symmetric=symmetric)[IDS]
     np.testing.assert_array_equal(run(model, {"ids": IDS})["y"], expected)
 
 

@@ -162,12 +162,14 @@ _PROTO_TYPES = {
 def _table_tensor(name: str, data_type: str, shape: list[int], data: np.ndarray):
     if data_type in ("int4", "uint4"):
         return helper.make_tensor(name, _PROTO_TYPES[data_type], shape, data.tobytes(), raw=True)
-    return numpy_helper.from_array(np.asarray(data).reshape(shape), name)
+    return numpy_helper.from_array(data, name)  # 8-bit arrays carry their own shape
 
 
-def _gather_block_quantized_run(quant: blocks.Blockwise, ids: np.ndarray) -> np.ndarray:
+def _gather_block_quantized_run(
+    quant: blocks.Blockwise, ids: np.ndarray, standard: bool = False
+) -> np.ndarray:
     """ORT's GatherBlockQuantized on the tensors of ``packing.gather_block_quantized``."""
-    tensors = packing.gather_block_quantized(quant)
+    tensors = packing.gather_block_quantized(quant, standard=standard)
     kind = tensors["data_type"]
     inits = [
         _table_tensor("q", kind, [quant.n, quant.k], tensors["data"]),
@@ -198,28 +200,31 @@ def _gather_block_quantized_run(quant: blocks.Blockwise, ids: np.ndarray) -> np.
 @pytest.mark.parametrize("hidden", [64, 40, 33])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("block", [16, 32])
-@pytest.mark.parametrize("bits", [4, 8])
-def test_ort_gather_block_quantized_matches_dequantized_table(rng, bits, block, symmetric, hidden):
+@pytest.mark.parametrize(("bits", "standard"), [(4, False), (4, True), (8, False)])
+def test_ort_gather_block_quantized_matches_dequantized_table(
+    rng, bits, standard, block, symmetric, hidden
+):
     table = rng.standard_normal((9, hidden)).astype(np.float32)
     quant = kquant.kquant(table, bits=bits, block=block, symmetric=symmetric)
     ids = np.array([0, 8, 3, 3, -1], np.int64)  # negative counts from the end, as in Gather
-    got = _gather_block_quantized_run(quant, ids)
+    got = _gather_block_quantized_run(quant, ids, standard)
     np.testing.assert_array_equal(got, quant.dequantize()[ids])
 
 
-def test_gather_block_quantized_layout(rng):
-    quant = blocks.Blockwise(
-        codes=np.array([[[0, 15, 8, 1]], [[7, 9, 8, 8]]], np.uint8),
-        scales=np.ones((2, 1), np.float32),
-        zero_points=None,
-        bits=4,
-        k=3,
-    )
-    tensors = packing.gather_block_quantized(quant)
-    assert tensors["data_type"] == "int4" and "zero_points" not in tensors
-    # q - 8 = [-8, 7, 0 | -1, 1, 0], flat, low nibble first; the block padding is dropped
-    np.testing.assert_array_equal(tensors["data"], [0x78, 0xF0, 0x01])
-    quant.bits, quant.codes = 8, quant.codes * 16
-    signed = packing.gather_block_quantized(quant, signed8=True)
-    assert signed["data_type"] == "int8" and signed["data"][0, 1] == 240 - 128
-    assert packing.gather_block_quantized(quant)["data"][0, 1] == 240
+def _codes(rows: list[list[int]], bits: int = 4, k: int | None = None) -> blocks.Blockwise:
+    codes = np.array(rows, np.uint8)[:, None, :]
+    scales = np.ones((len(rows), 1), np.float32)
+    return blocks.Blockwise(codes, scales, None, bits, k or codes.shape[2])
+
+
+def test_gather_block_quantized_layouts():
+    even = packing.gather_block_quantized(_codes([[0, 15, 8, 1], [7, 9, 8, 8]]))
+    assert even["data_type"] == "uint8" and "zero_points" not in even
+    np.testing.assert_array_equal(even["data"], [[0xF0, 0x18], [0x97, 0x88]])  # low nibble first
+    # odd H (the block's padding dropped), or the standard layout: INT4 q - 8, flat
+    odd = packing.gather_block_quantized(_codes([[0, 15, 8, 1], [7, 9, 8, 8]], k=3))
+    assert odd["data_type"] == "int4"
+    np.testing.assert_array_equal(odd["data"], [0x78, 0xF0, 0x01])  # [-8, 7, 0 | -1, 1, 0]
+    signed = packing.gather_block_quantized(_codes([[0, 240]], bits=8), standard=True)
+    assert signed["data_type"] == "int8" and signed["data"].tolist() == [[-128, 112]]
+    assert packing.gather_block_quantized(_codes([[0, 240]], bits=8))["data"].tolist() == [[0, 240]]
