@@ -101,7 +101,8 @@ def _allowed(name: str, hint: Any) -> str:
         names = ", ".join(f"`{t}`" for t in builtin_targets())
         return f"{names}, or a profile file ([targets](../targets.md))"
     if type(None) in args:
-        return "`none` or a value"
+        rest = " | ".join(type_text(a) for a in args if a is not type(None))
+        return f"`none`, or any `{rest}`"
     return ""
 
 

@@ -88,7 +88,7 @@ def test_pass_reference_renders_options() -> None:
     assert "Rules:\n\n1. ``a``: first.\n\nThen a paragraph." in section
     assert "| `mode` | `str` | `a` | `a`, `b` |" in section
     assert "| `names` | `list[str]` | `[x,y]` |  |" in section
-    assert "| `limit` | `int \\| None` | `none` | `none` or a value |" in section
+    assert "| `limit` | `int \\| None` | `none` | `none`, or any `int` |" in section
     assert "| `strict` | `bool` | `false` | `true`, `false` |" in section
     row = "| [`test-docs-ref`](#test-docs-ref) | exact | Do nothing, in one of two modes. |"
     assert row in text
