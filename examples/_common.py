@@ -27,10 +27,26 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
         description=(doc or "").strip().splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--out", type=Path, help="folder for the models (default: a temporary one)")
-    p.add_argument("--runs", type=int, default=20, help="timed runs per latency figure")
-    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    p.add_argument("--out", type=folder, help="folder for the models (default: a temporary one)")
+    p.add_argument("--runs", type=positive, default=20, help="timed runs per latency figure")
+    p.add_argument("--threads", type=positive, default=1, help="ONNX Runtime intra-op threads")
     return p
+
+
+def positive(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text) if text.strip().isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def folder(text: str) -> Path:
+    """An argparse type: a folder path that is not an existing file."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a folder")
+    return path
 
 
 @contextlib.contextmanager
@@ -108,10 +124,11 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def verdict(ok: bool, what: str) -> int:
-    """Print the last line every example ends with; the exit code for ``main``."""
+def verdict(ok: bool, what: str, code: int = 1) -> int:
+    """Print the last line every example ends with; the exit code for ``main`` (``code`` when
+    not ``ok``)."""
     print(f"{'OK' if ok else 'FAIL'}: {what}")
-    return 0 if ok else 1
+    return 0 if ok else code
 
 
 def pass_table(report: Report) -> str:
@@ -131,3 +148,8 @@ def pass_table(report: Report) -> str:
         fired = ", ".join(f"{rule}={n}" for rule, n in p.counts.items()) or "-"
         rows.append([p.name, p.status, metric, fired])
     return table(["onnxopt pass", "status", "verified", "rules fired"], rows)
+
+
+def failures(report: Report) -> str:
+    """One line naming each pass that failed and why."""
+    return "; ".join(f"{p.name} {p.status}: {p.reason}" for p in report.failed)

@@ -28,6 +28,7 @@ differ from the opset-23 export by more than ``--atol`` (1e-4).
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import shutil
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     return common.verdict(ok, f"runs on {args.target}, max |diff| {diff:.1e} <= {args.atol}")
 
 
-def _arguments(argv: list[str] | None):
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     p = common.parser(__doc__)
     p.add_argument("--target", default="onnx-17", help="target profile (onnx-13, onnx-17, ...)")
     p.add_argument("--atol", type=float, default=1e-4)
@@ -165,7 +166,7 @@ def _fired(report: dict, name: str) -> str:
 
 
 def _compare(
-    source: Path, lowered: Path, before: list[str], after: list[str], args
+    source: Path, lowered: Path, before: list[str], after: list[str], args: argparse.Namespace
 ) -> tuple[list[list[object]], float]:
     """Table rows and the largest output difference on a frame count the golden set lacks."""
     x = np.random.default_rng(7).standard_normal((1, 237, D_MODEL)).astype(np.float32)

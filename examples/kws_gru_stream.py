@@ -15,11 +15,13 @@ Run it (about 5 s of CPU)::
     python examples/kws_gru_stream.py --frames 800 --chunk 32 --out /tmp/kws
 
 It exits 1 when the streamed outputs differ from the offline ones by more than ``--atol``
-(1e-4) or the pass failed.
+(1e-4), and with onnxopt's exit code when the pass is refused or fails (2: a bad option, such as
+an odd ``--chunk``; 3: verification failed; 4: the model cannot stream).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 import warnings
@@ -87,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(common.pass_table(report))
         if not report.ok:
-            print("\n".join(f"{p.name}: {p.reason}" for p in report.failed))
-            return common.verdict(False, "onnxopt could not make the model streaming")
+            return common.verdict(False, common.failures(report), report.exit_code)
         rows, diff = _measure(offline_path, stream_path, args)
     setup = f"ORT CPU, {args.threads} thread"
     print(f"\nutterance: {args.frames} frames, chunks of {args.chunk} ({setup})")
@@ -97,16 +98,22 @@ def main(argv: list[str] | None = None) -> int:
     return common.verdict(diff <= args.atol, f"streamed == offline (max |diff| {diff:.1e})")
 
 
-def _arguments(argv: list[str] | None):
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     p = common.parser(__doc__)
-    p.add_argument("--chunk", type=int, default=16, help="frames per chunk (even: stride 2)")
-    p.add_argument("--frames", type=int, default=1000, help="frames in the test utterance")
+    p.add_argument(
+        "--chunk", type=common.positive, default=16, help="frames per chunk (even: stride 2)"
+    )
+    p.add_argument(
+        "--frames", type=common.positive, default=1000, help="frames in the test utterance"
+    )
     p.add_argument("--atol", type=float, default=1e-4)
     p.set_defaults(runs=5)
     return p.parse_args(argv)
 
 
-def _measure(offline_path: Path, stream_path: Path, args) -> tuple[list[list[object]], float]:
+def _measure(
+    offline_path: Path, stream_path: Path, args: argparse.Namespace
+) -> tuple[list[list[object]], float]:
     """Table rows and the largest difference between streamed and offline logits."""
     x = np.random.default_rng(7).standard_normal((1, FEATURES, args.frames)).astype(np.float32)
     offline = common.session(offline_path, args.threads)

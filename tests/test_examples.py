@@ -97,6 +97,13 @@ def test_kws_gru_stream() -> None:
     assert ratio(rows["ms last chunk"][2]) < 0.5
 
 
+def test_kws_refused_chunk_exits_with_onnxopts_code() -> None:
+    out, rows = run_example("kws_gru_stream.py", "--chunk", "15", expect=2)  # stride is 2
+    assert rows["stream"][0] == "error"
+    assert out.splitlines()[-1].startswith("FAIL: stream error: UsageError: chunk 15")
+    assert "max |diff|" not in rows  # nothing measured on a model that was not made
+
+
 def test_conformer_older_runtime() -> None:
     out, rows = run_example("conformer_older_runtime.py")
     assert "OK: runs on onnx-17" in out
