@@ -107,13 +107,13 @@ class QuantEmbeddingsPass(Pass):
             f"{len(targets)} tables quantized to {self.bits} bits: "
             f"{before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB"
         )
+        logger.info("%s: %s", self.name, result.notes[-1])
         if self.format == "qdq":
             result.notes.append("format=qdq: ORT dequantizes each whole table on every run")
         if result.counts.get("tied-kept"):
             result.notes.append(
                 f"{result.counts['tied-kept']} float table kept for its other readers (tied=copy)"
             )
-        logger.info("%s: %s", self.name, result.notes[-1])
         return result
 
     def find(self, model: ir.Model, result: PassResult) -> list[WeightSite]:
