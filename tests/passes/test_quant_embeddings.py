@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 from conftest import FLOAT, GOLDEN, INT64, make_model, op_types, run
 from onnx import helper
@@ -247,3 +248,38 @@ def test_zoo_embeddings_verified_in_the_pipeline(name, tables, bits):
     )
     gathers = [n for n in model.graph.all_nodes() if n.op_type == "Gather"]
     assert all(n.inputs[0].const_value is None for n in gathers)  # no float table left
+
+
+def test_gather_inside_an_if_branch(rng):
+    table = rng.standard_normal((V, H)).astype(np.float32)
+    branch = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["t"], name="inner")],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", FLOAT, [2, 3, H])],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["zeros"], ["e"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", FLOAT, [2, 3, H])],
+    )
+    node = helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=other)
+    inits = {"table": table, "zeros": np.zeros((2, 3, H), np.float32)}
+    inputs = {"ids": (INT64, [2, 3]), "cond": (helper.np_dtype_to_tensor_dtype(np.dtype(bool)), [])}
+    model = make_model([node], inputs, {"y": (FLOAT, [2, 3, H])}, inits)
+    assert QuantEmbeddingsPass()(model).counts == {"gather": 1}
+    assert "table" not in model.graph.initializers
+    y = run(model, {"ids": IDS, "cond": np.array(True)})["y"]
+    np.testing.assert_array_equal(y, _reference(table)[IDS])
+
+
+def test_ort_full_optimizations_give_the_same_lookups(rng):
+    """The verifier runs ORT with its optimizations off; users run with them on."""
+    model, _ = _embedding(rng)
+    QuantEmbeddingsPass(symmetric=False)(model)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    proto = ir.serde.serialize_model(model)
+    session = ort.InferenceSession(proto.SerializeToString(), options)
+    np.testing.assert_array_equal(session.run(None, {"ids": IDS})[0], run(model, {"ids": IDS})["y"])
