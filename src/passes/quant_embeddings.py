@@ -14,6 +14,7 @@ from onnxopt.pass_api import Pass, PassResult
 from onnxopt.passes._weight_quant import (
     _FLOATS,
     MS_DOMAIN,
+    FileRows,
     Use,
     WeightQuantPass,
     WeightSite,
@@ -112,7 +113,7 @@ class QuantEmbeddingsPass(Pass):
             result.notes.append("format=qdq: ORT dequantizes each whole table on every run")
         if result.counts.get("tied-kept"):
             result.notes.append(
-                f"{result.counts['tied-kept']} float table kept for its other readers (tied=copy)"
+                f"{result.counts['tied-kept']} float tables kept: other nodes still read them"
             )
         return result
 
@@ -161,7 +162,7 @@ class QuantEmbeddingsPass(Pass):
             return f"table is also read by {other} (tied=copy quantizes a copy)", "skipped-tied"
         return "", ""
 
-    def quantize(self, rows: np.ndarray) -> blocks.Blockwise:
+    def quantize(self, rows: np.ndarray | FileRows) -> blocks.Blockwise:
         options = {"bits": self.bits, "block": self.block, "symmetric": self.symmetric}
         options["along_k"] = getattr(rows, "along_k", None)
         if self.algo == "rtn":

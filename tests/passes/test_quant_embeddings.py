@@ -132,7 +132,7 @@ def test_tied_copy_quantizes_the_gather_and_keeps_the_head(rng):
     model, table = _tied(rng)
     result = QuantEmbeddingsPass(tied="copy")(model)
     assert result.counts == {"gather": 1, "tied-kept": 1} and "wte" in model.graph.initializers
-    assert any("float table kept" in note for note in result.notes)
+    assert any("float tables kept" in note for note in result.notes)
     out = run(model, {"ids": IDS})
     dequantized = _reference(table)[IDS]
     np.testing.assert_array_equal(out["h"], dequantized)
