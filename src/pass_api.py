@@ -160,6 +160,13 @@ def format_value(value: Any) -> str:
     return text
 
 
+def option_default(field: dataclasses.Field) -> Any:
+    """An option's default value (built when it has a factory); MISSING when it has none."""
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
 def _suggest(word: str, choices: list[str], what: str) -> str:
     close = difflib.get_close_matches(word, choices, n=1)
     if close:

@@ -13,7 +13,7 @@ import typing
 from typing import Any, Literal, Union
 
 from onnxopt import registry
-from onnxopt.pass_api import Pass, format_value
+from onnxopt.pass_api import Pass, format_value, option_default
 
 _ITEM = re.compile(r"^(\s*)(\d+\.|[-*]) ")
 
@@ -79,11 +79,8 @@ def type_text(hint: Any) -> str:
 
 
 def _default(field: dataclasses.Field) -> str:
-    if field.default is not dataclasses.MISSING:
-        value = field.default
-    elif field.default_factory is not dataclasses.MISSING:
-        value = field.default_factory()
-    else:
+    value = option_default(field)
+    if value is dataclasses.MISSING:
         return "required"
     return "`none`" if value is None else f"`{format_value(value)}`"
 

@@ -21,6 +21,7 @@ _BUILTIN: dict[str, str] = {
     "fuse-bias": "onnxopt.passes.fuse_bias",
     "quant-int4": "onnxopt.passes.quant_int4",
     "quant-int8": "onnxopt.passes.quant_int8",
+    "quant-embeddings": "onnxopt.passes.quant_embeddings",
     "fp16": "onnxopt.passes.fp16",
     "mixed-precision": "onnxopt.passes.mixed_precision",
     "stream": "onnxopt.passes.stream",

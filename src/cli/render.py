@@ -16,6 +16,7 @@ import click
 import onnx_ir as ir
 
 from onnxopt import model_io, registry
+from onnxopt.pass_api import option_default
 from onnxopt.report import Report, human_bytes
 from onnxopt.stats import op_histogram
 
@@ -165,9 +166,10 @@ def pass_listing() -> dict[str, Any]:
             {
                 "name": f.name,
                 "type": _type_name(hints[f.name]),
-                "default": f.default if f.default is not dataclasses.MISSING else None,
+                "default": None if default is dataclasses.MISSING else default,
             }
             for f in cls.options()
+            for default in [option_default(f)]
         ]
         passes.append(
             {"name": name, "kind": cls.kind, "summary": cls.summary(), "options": options}

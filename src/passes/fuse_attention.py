@@ -55,6 +55,7 @@ class _Plan:
     bias_fits: bool = True  # the additive terms are already [.., S, T] in their last two axes
     out_shape: ir.Value | None = None  # merged output: Reshape(fused output, out_shape)
     reads: list[_ShapeRead] = dataclasses.field(default_factory=list)
+    rotary: tuple[Heads, Heads, ir.Value, ir.Value] | None = None  # Q, K before; cos, sin
 
 
 class _AttentionRule(pattern.RewriteRuleClassBase):
@@ -189,10 +190,12 @@ class _GroupQueryAttention(_AttentionRule):
                 "on CPU takes past context only for one batch row or one token)",
                 k.bnsh,
             )
+        plan.rotary = _absorbed_rotary(plan)
 
     def _emit(self, op, plan: _Plan, want_flat: bool) -> tuple[ir.Value, bool]:
-        query = _as_flat(op, plan.q)
-        key, value = _as_flat(op, plan.k, repeated=False), _as_flat(op, plan.v, repeated=False)
+        q, k = plan.rotary[:2] if plan.rotary else (plan.q, plan.k)
+        query = _as_flat(op, q)
+        key, value = _as_flat(op, k, repeated=False), _as_flat(op, plan.v, repeated=False)
         total = op.Cast(op.Squeeze(_slice_dim(op, key, 1)), to=ir.DataType.INT32)
         batch = _slice_dim(op, query, 0)
         seqlens = op.Expand(
@@ -207,17 +210,83 @@ class _GroupQueryAttention(_AttentionRule):
             None,
             seqlens,
             total,
-            *([None, None, None, bias] if bias is not None else []),
+            *(plan.rotary[2:] if plan.rotary else [None, None]),
+            *([None, bias] if bias is not None else []),
             _domain=GQA[0],
             _outputs=3,
             num_heads=plan.heads,
             kv_num_heads=plan.k.heads,
             scale=plan.scale,
             causal=0,
+            **({"do_rotary": 1} if plan.rotary else {}),
         )
         if plan.nan_rows:  # rows masked entirely by -inf are NaN, the graph zeroes them
             y = op.Where(op.IsNaN(y), _zero(op, plan.q.bnsh.dtype), y)
         return y, True
+
+
+def _absorbed_rotary(plan: _Plan) -> tuple[Heads, Heads, ir.Value, ir.Value] | None:
+    """Q and K before the rotary that GroupQueryAttention can apply itself (do_rotary), if so.
+
+    Both must come (used nowhere else) from ``com.microsoft::RotaryEmbedding`` with position
+    offset 0 (GroupQueryAttention rotates prompt token s by row s) and the same caches;
+    ORT's CPU kernel rotates only head sizes that are multiples of 16.
+    """
+    nodes = [_plain_rotary(h.bnsh) for h in (plan.q, plan.k)]
+    if None in nodes or plan.q.size is None or plan.q.size % 16:
+        return None
+    (rq, rk), dims = nodes, plan.dims
+    if not all(_same_value(a, b) for a, b in zip(rq.inputs[2:4], rk.inputs[2:4], strict=True)):
+        return None
+    return ap.heads_of(rq.inputs[0], dims), ap.heads_of(rk.inputs[0], dims), *rq.inputs[2:4]
+
+
+def _plain_rotary(value: ir.Value | None) -> ir.Node | None:
+    """The ORT RotaryEmbedding making ``value`` (its one use), non-interleaved, offset 0."""
+    node = value.producer() if value is not None else None
+    if node is None or (node.domain, node.op_type) != ("com.microsoft", "RotaryEmbedding"):
+        return None
+    attrs = node.attributes
+    plain = not any(attrs.get_int(a, 0) for a in ("interleaved", "rotary_embedding_dim"))
+    offset = ap.numeric(node.inputs[1])
+    if not plain or attrs.get_int("is_packed_batching", 0) or attrs.get_float("scale", 1.0) != 1:
+        return None
+    if offset is None or offset.size != 1 or int(offset.reshape(-1)[0]) != 0:
+        return None
+    return node if ap.single_use(value) and ap.rank(node.inputs[0]) == 4 else None
+
+
+def _same_value(a: ir.Value, b: ir.Value, depth: int = 0) -> bool:
+    """Whether two values are computed alike from the same inputs (or are equal constants)."""
+    if a is b:
+        return True
+    x, y = (ir.convenience.get_const_tensor(v) for v in (a, b))
+    if x is not None or y is not None:
+        return x is not None and y is not None and _same_array(x.numpy(), y.numpy())
+    na, nb = a.producer(), b.producer()
+    if na is None or nb is None or depth > 8 or len(na.inputs) != len(nb.inputs):
+        return False
+    if (na.domain, na.op_type, na.outputs.index(a)) != (nb.domain, nb.op_type, nb.outputs.index(b)):
+        return False
+    if na.attributes.keys() != nb.attributes.keys() or not all(
+        _same_attr(na.attributes[k].value, nb.attributes[k].value) for k in na.attributes
+    ):
+        return False
+    return all(
+        (u is None and w is None)
+        or (u is not None and w is not None and _same_value(u, w, depth + 1))
+        for u, w in zip(na.inputs, nb.inputs, strict=True)
+    )
+
+
+def _same_attr(a, b) -> bool:
+    if hasattr(a, "numpy") and hasattr(b, "numpy"):
+        return _same_array(a.numpy(), b.numpy())
+    return a == b
+
+
+def _same_array(x: np.ndarray, y: np.ndarray) -> bool:
+    return x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y)
 
 
 class _Attention23(_AttentionRule):
@@ -705,7 +774,9 @@ class FuseAttentionPass(FusionPass):
          each match): K/V heads repeated to the query heads (transformers' repeat_kv) and the
          key length proven the query length (no cache) become ``com.microsoft::
          GroupQueryAttention(q, k, v, seqlens_k=T-1, total_sequence_length=T, attention_bias=M',
-         num_heads, kv_num_heads, scale=s, causal=0)`` with 3-D un-repeated k/v. With a cache,
+         num_heads, kv_num_heads, scale=s, causal=0)`` with 3-D un-repeated k/v; Q and K
+         from ORT's RotaryEmbedding (offset 0, the same caches, head size a multiple of 16,
+         the CPU kernel's limit) go in before it, with the caches and ``do_rotary=1``. With a cache,
          ORT 1.32's CPU kernel refuses several query tokens for more than one batch row, so
          rule 1 takes it.
       1. ``MultiHeadAttention-merged`` / ``-4d`` (ORT targets, float32 on CPU):

@@ -428,9 +428,15 @@ class FuseRotaryPass(FusionPass):
         ]
 
     def after_fusions(self, model: ir.Model) -> None:
-        """The rotated values have x's shape (proven), which ORT's op has no inference for."""
+        """The rotated values have x's shape (proven): annotated (ORT's op has no inference),
+        and their Shape reads take x's, so shape arithmetic does not wait for (or keep) them."""
         for y, out, x, perm in self._made:
-            if x.shape is not None and out.producer() is not None:
+            if out.producer() is None or out.producer().graph is not model.graph:
+                continue  # traced only, never applied
+            for node, index in list(out.uses()):
+                if (node.domain, node.op_type) in (("", "Shape"), ("ai.onnx", "Shape")):
+                    node.replace_input_with(index, x)
+            if x.shape is not None:
                 out.shape = ir.Shape(list(x.shape))
                 y.shape = ir.Shape([x.shape[a] for a in perm])
                 y.type = out.type

@@ -35,6 +35,7 @@ class Rope:
     scale: bool = False  # TorchScript's Mul by attention_scaling after Cos/Sin
     dtype: int = FLOAT
     opset: int = 17
+    head: int = D  # the head size
 
 
 def _angles(g: Graph, spec: Rope, inputs: dict) -> tuple[str, str]:
@@ -43,7 +44,7 @@ def _angles(g: Graph, spec: Rope, inputs: dict) -> tuple[str, str]:
     if spec.angles in ("table", "sliced"):
         tables = []
         for fn in (np.cos, np.sin):
-            half = fn(np.arange(32)[:, None] * 0.3 ** np.arange(D // 2))
+            half = fn(np.arange(32)[:, None] * 0.3 ** np.arange(spec.head // 2))
             other = half if spec.table_halves_equal else half[:, ::-1]
             tables.append(g.const(np.concatenate([half, other], -1), np_type))
         if spec.angles == "sliced":  # the cache sliced to the sequence length, [1, S, D]
@@ -55,8 +56,8 @@ def _angles(g: Graph, spec: Rope, inputs: dict) -> tuple[str, str]:
         inputs["position_ids"] = (INT64, ["batch", "seq"])
         return tuple(g("Gather", t, "position_ids") for t in tables)
     if spec.angles == "input":
-        inputs["cos"] = (spec.dtype, [1, "seq", D])
-        inputs["sin"] = (spec.dtype, [1, "seq", D])
+        inputs["cos"] = (spec.dtype, [1, "seq", spec.head])
+        inputs["sin"] = (spec.dtype, [1, "seq", spec.head])
         return "cos", "sin"
     if spec.angles == "ids":
         inputs["position_ids"] = (INT64, ["batch", "seq"])
@@ -69,7 +70,7 @@ def _angles(g: Graph, spec: Rope, inputs: dict) -> tuple[str, str]:
         positions = g("Range", g.const(0), seq, g.const(1))
     if spec.layout == "bnsh" and spec.angles == "range":
         positions = g("Unsqueeze", positions, g.const([0]))
-    inv_freq = g.const(10000.0 ** (-np.arange(0, D, 2) / D), np.float32)
+    inv_freq = g.const(10000.0 ** (-np.arange(0, spec.head, 2) / spec.head), np.float32)
     freqs = g("Mul", g("Cast", g("Unsqueeze", positions, g.const([-1])), to=FLOAT), inv_freq)
     emb = g("Concat", freqs, freqs, axis=-1)
     out = []
@@ -82,10 +83,11 @@ def _angles(g: Graph, spec: Rope, inputs: dict) -> tuple[str, str]:
 
 
 def _halves(g: Graph, x: str, spec: Rope) -> tuple[str, str]:
+    half = spec.head // 2
     if spec.halves == "split":
         if spec.opset >= 18:
             return g("Split", x, axis=-1, num_outputs=2, n_out=2)
-        return g("Split", x, g.const([D // 2, D // 2]), axis=-1, n_out=2)
+        return g("Split", x, g.const([half, half]), axis=-1, n_out=2)
     if spec.halves == "ts":
         mid = g(
             "Unsqueeze", g("Div", g("Gather", g("Shape", x), g.const(3)), g.const(2)), g.const([0])
@@ -93,7 +95,7 @@ def _halves(g: Graph, x: str, spec: Rope) -> tuple[str, str]:
         ends = (mid, g.const([2**63 - 1]))
         starts = (g.const([0]), mid)
     else:
-        starts, ends = (g.const([0]), g.const([D // 2])), (g.const([D // 2]), g.const([2**63 - 1]))
+        starts, ends = (g.const([0]), g.const([half])), (g.const([half]), g.const([2**63 - 1]))
     return tuple(
         g("Slice", x, start, end, g.const([3]), g.const([1]))
         for start, end in zip(starts, ends, strict=True)
@@ -281,31 +283,64 @@ def test_cos_whose_sequence_is_not_provably_x_s_is_not_fused(rng) -> None:
 # --- attention after rotary ---------------------------------------------------------------------
 
 
-def test_attention_fuses_on_rotary_outputs(rng) -> None:
-    g = Graph(rng)
-    inputs = {"x": (FLOAT, ["batch", "seq", E])}
-    spec = Rope()
+@pytest.mark.parametrize(
+    ("head", "kv_heads", "fused"),
+    [
+        (8, 4, {"MultiHeadAttention": 1, "RotaryEmbedding": 2}),
+        (8, 2, {"GroupQueryAttention": 1, "RotaryEmbedding": 2}),
+        (16, 2, {"GroupQueryAttention": 1}),  # it rotates Q and K itself (do_rotary)
+    ],
+    ids=["mha", "gqa", "gqa-do-rotary"],
+)
+def test_attention_fuses_on_rotary_outputs(head: int, kv_heads: int, fused: dict, rng) -> None:
+    """Llama's block: rotary on Q and K, K/V heads repeated to 4 query heads, causal SDPA."""
+    g, heads, spec = Graph(rng), 4, Rope(head=head)
+    inputs = {"x": (FLOAT, ["batch", "seq", 16])}
     cos, sin = (g("Unsqueeze", t, g.const([1])) for t in _angles(g, spec, inputs))
-    q, k, v = (
-        g("Transpose", g("Reshape", g.linear("x"), g.const([0, 0, N, D])), perm=[0, 2, 1, 3])
-        for _ in range(3)
-    )
+
+    def project(n: int) -> str:
+        flat = g("MatMul", "x", g.weight(16, n * head))
+        return g("Transpose", g("Reshape", flat, g.const([0, 0, n, head])), perm=[0, 2, 1, 3])
+
+    q, k, v = project(heads), project(kv_heads), project(kv_heads)
     q, k = (rope(g, t, cos, sin, spec) for t in (q, k))
+    if kv_heads != heads:
+        k, v = (_repeat(g, t, kv_heads, heads // kv_heads, head) for t in (k, v))
+    size = g("Slice", g("Shape", q), g.const([2]), g.const([3]))
+    ones = g("Expand", g.const(1.0, np.float32), g("Concat", size, size, axis=0))
+    upper = g("Equal", g("Trilu", ones, upper=0), g.const(0.0, np.float32))
+    causal = g("Where", upper, g.const(-np.inf, np.float32), g.const(0.0, np.float32))
     scores = g(
-        "Mul", g("MatMul", q, g("Transpose", k, perm=[0, 1, 3, 2])), g.const(0.35, np.float32)
+        "Add",
+        g(
+            "Mul",
+            g("MatMul", q, g("Transpose", k, perm=[0, 1, 3, 2])),
+            g.const(head**-0.5, np.float32),
+        ),
+        causal,
     )
     ctx = g("MatMul", g("Softmax", scores, axis=-1), v)
-    out = g("Reshape", g("Transpose", ctx, perm=[0, 2, 1, 3]), g.const([0, 0, E]))
+    out = g("Reshape", g("Transpose", ctx, perm=[0, 2, 1, 3]), g.const([0, 0, heads * head]))
     model = make_model(g.nodes, inputs, {out: (FLOAT, None)}, g.inits)
     InferShapesPass()(model)
     cases = feeds_for(model, rng)
     before = [run(model, feeds) for feeds in cases]
     assert FuseRotaryPass()(model).counts == {"rotary": 2}
     assert FuseAttentionPass()(model).counts == {"attention": 1}
-    assert op_types(model).count("RotaryEmbedding") == 2 and "Softmax" not in op_types(model)
+    assert {op: op_types(model).count(op) for op in fused} == fused
+    assert not {"Softmax", "RotaryEmbedding"} - set(fused) & set(op_types(model))
     for feeds, expected in zip(cases, before, strict=True):
         for name, value in run(model, feeds).items():
             np.testing.assert_allclose(value, expected[name], atol=1e-5, rtol=1e-3)
+
+
+def _repeat(g: Graph, t: str, kv_heads: int, times: int, head: int) -> str:
+    """transformers' repeat_kv: Unsqueeze, Expand to [B, n, r, T, D], Reshape to [B, n*r, T, D]."""
+    shape = g("Shape", t)
+    lead, tail = (g("Slice", shape, g.const([a]), g.const([b])) for a, b in ((0, 1), (2, 4)))
+    wide = g("Concat", lead, g.const([kv_heads, times]), tail, axis=0)
+    expanded = g("Expand", g("Unsqueeze", t, g.const([2])), wide)
+    return g("Reshape", expanded, g("Concat", lead, g.const([kv_heads * times]), tail, axis=0))
 
 
 # --- the zoo: real exporter output --------------------------------------------------------------
