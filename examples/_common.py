@@ -72,13 +72,19 @@ def op_counts(path: Path) -> Counter[str]:
     return Counter(node.op_type for node in model.graph.node)
 
 
-def session(path: Path, threads: int = 1) -> ort.InferenceSession:
-    """An ORT CPU session as a user would make it: all graph optimizations on."""
+def session_options(threads: int = 1) -> ort.SessionOptions:
+    """ORT options as a user would set them: all graph optimizations on, ``threads`` threads."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    return options
+
+
+def session(path: Path, threads: int = 1) -> ort.InferenceSession:
+    """An ORT CPU session with ``session_options(threads)``."""
+    options = session_options(threads)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -22,8 +22,9 @@ Run it (about 12 s of CPU)::
     python examples/conformer_older_runtime.py
     python examples/conformer_older_runtime.py --target onnx-13 --out /tmp/conformer
 
-It exits 1 when a step fails, the lowered model is not clean for the target, or its outputs
-differ from the opset-23 export by more than ``--atol`` (1e-4).
+It exits 1 when the lowered model is not clean for the target or its outputs differ from the
+opset-23 export by more than ``--atol`` (1e-4), and with the command's exit code when an
+``onnxopt`` command fails (2: a bad option or target; 3: verification failed).
 """
 
 from __future__ import annotations
@@ -113,13 +114,19 @@ def onnxopt_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False)
 
 
-def check(path: Path, target: str) -> list[str] | None:
-    """What ``onnxopt check`` says the target cannot run (``op xN``, ``opset N``); None if the
-    check itself failed."""
+class CliError(Exception):
+    """An ``onnxopt`` command exited with an unexpected code; ``code`` and ``output`` are its."""
+
+    def __init__(self, command: str, result: subprocess.CompletedProcess) -> None:
+        super().__init__(f"onnxopt {command} exited {result.returncode}")
+        self.code, self.output = result.returncode, result.stdout + result.stderr
+
+
+def check(path: Path, target: str) -> list[str]:
+    """What ``onnxopt check`` says the target cannot run: ``op xN`` and ``opset N`` items."""
     result = onnxopt_cli(path.parent, "check", path.name, "--target", target, "--json")
-    if result.returncode not in (0, 3):
-        print(result.stderr.strip())
-        return None
+    if result.returncode not in (0, 3):  # 3: something is unsupported
+        raise CliError("check", result)
     found = json.loads(result.stdout)["unsupported"]
     return [
         u["op_type"] if u["fix"] == "convert-opset" else f"{u['op_type']} x{u['count']}"
@@ -127,29 +134,35 @@ def check(path: Path, target: str) -> list[str] | None:
     ]
 
 
+def lower(source: Path, lowered: Path, target: str) -> dict:
+    """``onnxopt run --passes lower,fuse --target T``; its JSON report."""
+    result = onnxopt_cli(
+        source.parent, "run", source.name, "-o", lowered.name, "--passes", "lower,fuse",
+        "--target", target, "--dim", "frames=120", "--report", "report.json",
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise CliError("run", result)
+    return json.loads((source.parent / "report.json").read_text())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
     with common.out_dir(args.out) as out:
-        source, lowered, report = out / "conformer23.onnx", out / "conformer.lowered.onnx", None
+        source, lowered = out / "conformer23.onnx", out / "conformer.lowered.onnx"
         export(source)
-        missing_before = check(source, args.target)
-        result = onnxopt_cli(
-            out, "run", source.name, "-o", lowered.name, "--passes", "lower,fuse",
-            "--target", args.target, "--dim", "frames=120", "--report", "report.json",
-        )  # fmt: skip
-        if result.returncode != 0:
-            print(result.stdout + result.stderr)
-            return common.verdict(False, f"onnxopt run exited {result.returncode}")
-        report = json.loads((out / "report.json").read_text())
-        missing_after = check(lowered, args.target)
-        if missing_before is None or missing_after is None:
-            return common.verdict(False, "onnxopt check failed")
-        rows, diff = _compare(source, lowered, missing_before, missing_after, args)
-    print(f"\n{args.target} cannot run the export: {', '.join(missing_before) or 'nothing'}")
+        try:
+            before = check(source, args.target)
+            report = lower(source, lowered, args.target)
+            after = check(lowered, args.target)
+        except CliError as err:
+            print(err.output, end="")
+            return common.verdict(False, str(err), err.code)
+        rows, diff = _compare(source, lowered, before, after, args)
+    print(f"\n{args.target} cannot run the export: {', '.join(before) or 'nothing'}")
     print(f"lower replaced: {_fired(report, 'lower')}")
-    print(f"{args.target} cannot run the lowered model: {', '.join(missing_after) or 'nothing'}")
+    print(f"{args.target} cannot run the lowered model: {', '.join(after) or 'nothing'}")
     print(common.table(["", "opset-23 export", f"lower,fuse --target {args.target}"], rows))
-    ok = not missing_after and diff <= args.atol
+    ok = not after and diff <= args.atol
     return common.verdict(ok, f"runs on {args.target}, max |diff| {diff:.1e} <= {args.atol}")
 
 

@@ -117,7 +117,9 @@ def _measure(
     """Table rows and the largest difference between streamed and offline logits."""
     x = np.random.default_rng(7).standard_normal((1, FEATURES, args.frames)).astype(np.float32)
     offline = common.session(offline_path, args.threads)
-    stream = onnxopt.StreamingSession(stream_path, session_options=_options(args.threads))
+    stream = onnxopt.StreamingSession(
+        stream_path, session_options=common.session_options(args.threads)
+    )
     expected = common.run(offline, {"x": x})[0]
     streamed = stream.run({"x": x})["logits"]
     diff = common.max_abs(expected, streamed) if expected.shape == streamed.shape else np.inf
@@ -135,14 +137,6 @@ def _measure(
          common.ratio(recompute_ms[-1], step_ms[-1])],
     ]  # fmt: skip
     return rows, diff
-
-
-def _options(threads: int) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    return options
 
 
 def _chunk_times(
