@@ -9,7 +9,7 @@ script checks that the concatenated chunk outputs equal the offline model's on t
 utterance, and compares one streaming step with what a non-streaming service does on each new
 chunk: run the offline model again over everything received so far.
 
-Run it (about 5 s of CPU)::
+Run it (about 3 s of CPU)::
 
     python examples/kws_gru_stream.py
     python examples/kws_gru_stream.py --frames 800 --chunk 32 --out /tmp/kws

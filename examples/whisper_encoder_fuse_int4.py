@@ -10,7 +10,7 @@ golden outputs; the script then measures, with ONNX Runtime on CPU, what a user 
 fused op counts, file size, median latency, and the outputs' cosine and max error against the
 fp32 export on an input the golden set never saw.
 
-Run it (about 10 s of CPU with the TorchScript exporter, 15 s with dynamo)::
+Run it (about 5 s of CPU with the TorchScript exporter, 9 s with dynamo)::
 
     python examples/whisper_encoder_fuse_int4.py
     python examples/whisper_encoder_fuse_int4.py --exporter dynamo --out /tmp/whisper
