@@ -3,6 +3,8 @@
 Run it (1-2 minutes on 2 cores; ``--big`` adds 5-8, most of it ORT's k_quant)::
 
     /work/venv/bin/python benchmarks/quant/run.py [--json /tmp/quant.json] [--big]
+    /work/venv/bin/python benchmarks/quant/run.py --models minilm-ts minilm-dynamo \
+        --torch-python /work/torchvenv/bin/python        # real weights, ~3 min
 
 Tools (4-bit ones at block 32, symmetric, accuracy_level 4; each in a fresh child process that
 loads, quantizes and saves; wall time and ``ru_maxrss`` come from ``big_model.measure``):
@@ -20,6 +22,12 @@ Models: ``golden/whisper_encoder.onnx`` (2 MB, real exporter graph, random torch
 ``stack``: ``big_model.py``'s builder at hidden 384, FFN 1536, 4 blocks (28 MB, Gaussian
 weights; a Whisper-tiny-sized MatMul stack). ``--big`` quantizes the 2.4 GB model
 (``/tmp/onnxopt-big``, built if missing) with the 4-bit tools only, for time and memory.
+Only with ``--models``: ``minilm-ts`` / ``minilm-dynamo``, sentence-transformers'
+all-MiniLM-L6-v2 with its real weights (``benchmarks/real_models.py``: both torch exporters,
+built into ``--cache`` with ``--torch-python`` on first use), run on 50 tokenized English
+sentences; ``s_cos`` / ``s_min`` are the mean and the smallest cosine between each sentence's
+embedding (masked mean pooling + L2 norm of ``last_hidden_state``, as sentence-transformers
+computes it) from the quantized model and from fp32.
 
 Columns: ``time`` (the child's wall time: interpreter start, imports, load, quantize, save;
 seconds), ``rss_mib`` (the child's peak RSS, VmHWM, file-backed pages of memory-mapped weights
@@ -49,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import big_model  # noqa: E402
+import real_models  # noqa: E402
 
 WORK = Path("/tmp/onnxopt-quant-bench")
 TOOLS = [
@@ -63,6 +72,8 @@ TOOLS = [
     "ort-dynamic",
 ]
 BIG_TOOLS = ["onnxopt-int4-rtn", "onnxopt-int4-kquant", "ort-rtn", "ort-kquant", "ort-default"]
+DEFAULT_MODELS = ["whisper", "stack"]
+REAL_MODELS = ["minilm-ts", "minilm-dynamo"]
 
 
 # ---------------------------------------------------------------- the tools (child processes)
@@ -114,25 +125,34 @@ def run_tool(tool: str, source: Path, out: Path) -> None:
 # ---------------------------------------------------------------- models and inputs
 
 
-def prepare_models(big: bool) -> dict[str, tuple[Path, dict[str, np.ndarray]]]:
-    """The models with their feeds (shape of the first case is used for latency)."""
+def prepare_models(names: list[str], args) -> dict[str, tuple[Path, dict[str, np.ndarray]]]:
+    """The models named, with their feeds (also the latency inputs); built when missing."""
     rng = np.random.default_rng(0)
-    stack = WORK / "stack" / big_model.MODEL_NAME
-    if not stack.exists():
-        big_model.build(stack.parent, gb=0.028, hidden=384, ffn=1536)
-    models = {
-        "whisper": (ROOT / "golden" / "whisper_encoder.onnx", {"mel": (2, 80, 400)}),
-        "stack": (stack, {"x": (64, 384)}),
-    }
-    if big:
+    models = {}
+    if "whisper" in names:
+        models["whisper"] = (ROOT / "golden" / "whisper_encoder.onnx", {"mel": (2, 80, 400)})
+    if "stack" in names:
+        stack = WORK / "stack" / big_model.MODEL_NAME
+        if not stack.exists():
+            big_model.build(stack.parent, gb=0.028, hidden=384, ffn=1536)
+        models["stack"] = (stack, {"x": (64, 384)})
+    if "big-2.4GB" in names:
         path = big_model.DEFAULT_OUT / big_model.MODEL_NAME
         if not path.exists():
             big_model.build(path.parent, gb=2.4, hidden=2048, ffn=8192)
         models["big-2.4GB"] = (path, {})
-    return {
+    prepared = {
         name: (path, {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()})
         for name, (path, shapes) in models.items()
     }
+    real = [n for n in REAL_MODELS if n in names]
+    if real:
+        folder = real_models.ensure(args.cache, args.torch_python)
+        tokens = real_models.load_tokens(folder)
+        for name in real:
+            exporter = name.split("-", 1)[1]
+            prepared[name] = (folder / f"minilm_{exporter}.onnx", tokens)
+    return prepared
 
 
 # ---------------------------------------------------------------- measurements
@@ -228,6 +248,14 @@ def measure_tool(tool: str, source: Path, out: Path) -> big_model.Measurement:
     return big_model.measure(tool, argv, interval=0.1)
 
 
+def sentence_metrics(reference: list[np.ndarray], path: Path, feeds) -> dict[str, float]:
+    """Mean and min cosine of the sentence embeddings (``last_hidden_state`` pooled with the
+    attention mask) of ``path`` against fp32's."""
+    (hidden,) = session(path, 2).run(None, feeds)
+    cos = real_models.embedding_cosines(reference[0], hidden, feeds["attention_mask"])
+    return {"s_cos": float(cos.mean()), "s_min": float(cos.min())}
+
+
 def bench_model(name: str, source: Path, feeds, tools: list[str], quality: bool) -> list[dict]:
     folder = WORK / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -249,6 +277,8 @@ def bench_model(name: str, source: Path, feeds, tools: list[str], quality: bool)
         row["size"] = model_bytes(out) / fp32_size
         if quality:
             row |= output_error(reference, out, feeds)
+            if name in REAL_MODELS:
+                row |= sentence_metrics(reference, out, feeds)
             row["w_err"] = weight_error(source, out)
             for t in (1, 2):
                 row[f"lat{t}"] = latency_ratio(source, out, feeds, t)
@@ -259,10 +289,12 @@ def bench_model(name: str, source: Path, feeds, tools: list[str], quality: bool)
 
 def table(rows: list[dict]) -> str:
     cols = ["model", "tool", "time", "rss_mib", "anon_mib", "size", "cos", "rel_l2", "snr"]
+    if any("s_cos" in row for row in rows):
+        cols += ["s_cos", "s_min"]
     cols += ["w_err", "lat1", "lat2"]
     formats = {"time": "{:.2f}", "rss_mib": "{:.0f}", "anon_mib": "{:.0f}", "size": "{:.3f}"}
     formats |= {"cos": "{:.5f}", "rel_l2": "{:.4f}", "snr": "{:.2f}", "w_err": "{:.5f}"}
-    formats |= {"lat1": "{:.2f}", "lat2": "{:.2f}"}
+    formats |= {"lat1": "{:.2f}", "lat2": "{:.2f}", "s_cos": "{:.5f}", "s_min": "{:.5f}"}
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
         cells = []
@@ -283,14 +315,29 @@ def main() -> None:
     parser.add_argument("--big", action="store_true", help="also the 2.4 GB model (time, RSS)")
     parser.add_argument("--big-only", action="store_true")
     parser.add_argument("--tools", nargs="*", default=TOOLS)
+    parser.add_argument(
+        "--models",
+        nargs="*",
+        choices=[*DEFAULT_MODELS, "big-2.4GB", *REAL_MODELS],
+        help=f"default: {' '.join(DEFAULT_MODELS)} (with --big: and big-2.4GB)",
+    )
+    parser.add_argument(
+        "--cache", type=Path, default=real_models.DEFAULT_CACHE, help="real-weight models"
+    )
+    parser.add_argument(
+        "--torch-python", help="a Python with torch and transformers to build the MiniLM exports"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
+    if args.models is None:
+        names = [] if args.big_only else list(DEFAULT_MODELS)
+        names += ["big-2.4GB"] if args.big or args.big_only else []
+    else:
+        names = args.models
     rows = []
-    for name, (path, feeds) in prepare_models(args.big or args.big_only).items():
+    for name, (path, feeds) in prepare_models(names, args).items():
         big = name.startswith("big")
-        if big != args.big_only and not (big and args.big):
-            continue
         tools = [t for t in args.tools if t in BIG_TOOLS] if big else args.tools
         rows += bench_model(name, path, feeds, tools, quality=not big)
     print(table(rows))
