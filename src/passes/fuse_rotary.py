@@ -394,7 +394,7 @@ class FuseRotaryPass(FusionPass):
     """Fuse rotate-half rotary position embeddings into one RotaryEmbedding op.
 
     Rules (alternatives of the fusion ``rotary``: the first whose op the target runs):
-      1. ``RotaryEmbedding-ms-slice`` / ``-split`` (ORT targets, float32 on CPU):
+      1. ``RotaryEmbedding-ms-slice`` / ``-split`` (ORT targets; float32 and float16):
          ``x * cos + Concat(-x2, x1) * sin``, x1/x2 the halves of the last axis of a 4-D x
          (two Slices, or a Split), becomes ``com.microsoft::RotaryEmbedding(x', position_ids,
          cos_cache, sin_cache)``: x' is x transposed to [B, N, S, D] when its sequence axis is
@@ -408,22 +408,19 @@ class FuseRotaryPass(FusionPass):
     (proven through Cos/Sin, Cast, scalar Muls, Unsqueeze/Gather/Slice of other axes, down to
     ``Concat(f, f)`` or a constant), and each of their axes must be 1 or proven equal to the
     matching axis of x (dims from inferred shapes, Range lengths and the graph's shape
-    arithmetic). Not fused: interleaved rotary, partial rotary (rotary_dim < head size), x not
-    4-D, cos/sin of another dtype or varying along a head axis.
+    arithmetic). float16 rounds once where the graph rounds after each Mul and the Add (within
+    an ulp). Not fused: interleaved rotary, partial rotary (rotary_dim < head size), x not 4-D,
+    cos/sin of another dtype than x, or varying along three axes of x.
     """
 
     name = "fuse-rotary"
 
     def fusions(self, target: Target) -> list[Fusion]:
-        cpu = "CPUExecutionProvider" in target.source or target.name == "ort-cpu"
-        floats = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16})
-        ms_types = frozenset({ir.DataType.FLOAT}) if cpu else floats
+        floats = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16})  # ORT CPU kernels: both
         hint = "; ONNX RotaryEmbedding needs a model at opset 23"
         self._made: list = []  # (op output, rotated value, x, perm) of each rewrite
         return [
-            Fusion(
-                "rotary", _rules(False, ms_types, self._made), [MS_ROTARY], True, ("Neg",), hint
-            ),
+            Fusion("rotary", _rules(False, floats, self._made), [MS_ROTARY], True, ("Neg",), hint),
             Fusion("rotary", _rules(True, floats, self._made), [ROTARY], True, ("Neg",), hint),
         ]
 

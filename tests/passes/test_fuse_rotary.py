@@ -228,12 +228,11 @@ def test_standard_target_below_opset_23_is_skipped(rng) -> None:
     ]
 
 
-def test_float16_needs_the_standard_op_on_cpu(rng) -> None:
+@pytest.mark.parametrize("target", ["ort-cpu", "onnx-23"])
+def test_float16_rounds_once(target: str, rng) -> None:
     model = build(Rope(dtype=FLOAT16, opset=23), rng)
-    result = FuseRotaryPass()(model)
-    assert result.counts == {} and any("no kernel for FLOAT16" in m for m in result.misses)
-    model = build(Rope(dtype=FLOAT16, opset=23), rng)
-    assert fuse(model, rng, target="onnx-23", atol=2e-3).counts == {"rotary": 1}
+    assert fuse(model, rng, target=target, atol=2e-3).counts == {"rotary": 1}
+    assert _rotary(model).domain == ("com.microsoft" if target == "ort-cpu" else "")
 
 
 # --- not fused: what the op cannot express exactly -------------------------------------------
