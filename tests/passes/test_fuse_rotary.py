@@ -235,6 +235,22 @@ def test_float16_rounds_once(target: str, rng) -> None:
     assert _rotary(model).domain == ("com.microsoft" if target == "ort-cpu" else "")
 
 
+def test_partial_rotary_fuses_the_rotated_slice(rng) -> None:
+    """rotary_dim 4 of head size 8 (GPT-NeoX, Phi): the op rotates x[..., :4], x[..., 4:] stays."""
+    g, spec = Graph(rng), Rope(head=4)
+    inputs = {"x": (FLOAT, ["batch", "seq", E])}
+    cos, sin = (g("Unsqueeze", t, g.const([1])) for t in _angles(g, spec, inputs))
+    x = g("Transpose", g("Reshape", "x", g.const([0, 0, N, D])), perm=[0, 2, 1, 3])
+    part, rest = (
+        g("Slice", x, g.const([a]), g.const([b]), g.const([-1])) for a, b in ((0, 4), (4, D))
+    )
+    y = g("Concat", rope(g, part, cos, sin, spec), rest, axis=-1)
+    model = make_model(g.nodes, inputs, {y: (FLOAT, None)}, g.inits)
+    InferShapesPass()(model)
+    assert fuse(model, rng).counts == {"rotary": 1}
+    assert _rotary(model).inputs[0].producer().op_type == "Slice"
+
+
 # --- not fused: what the op cannot express exactly -------------------------------------------
 
 
