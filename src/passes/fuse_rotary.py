@@ -409,10 +409,10 @@ class FuseRotaryPass(FusionPass):
     ``Concat(f, f)`` or a constant), and each of their axes must be 1 or proven equal to the
     matching axis of x (dims from inferred shapes, Range lengths and the graph's shape
     arithmetic; a table sliced to a length is that long wherever the graph runs). Shape reads
-    of the rotated values read x instead (same shape). float16 rounds once where the graph rounds after each Mul and the Add (within
-    an ulp). Partial rotary (rotary_dim < head size) fuses the rotated slice; the Concat with the
-    rest stays. Not fused: interleaved rotary, x not 4-D, cos/sin of another dtype than x, or
-    varying along three axes of x.
+    of the rotated values read x instead (same shape). float16 rounds once where the graph
+    rounds after each Mul and the Add (within an ulp). Partial rotary (rotary_dim < head size)
+    fuses the rotated slice; the Concat with the rest stays. Not fused: interleaved rotary, x
+    not 4-D, cos/sin of another dtype than x, or varying along three axes of x.
     """
 
     name = "fuse-rotary"
