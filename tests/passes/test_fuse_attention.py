@@ -429,12 +429,14 @@ def test_causal_decoder_becomes_multi_head_attention(spec: Decoder, rng) -> None
     assert "Softmax" not in op_types(model)
     (node,) = [n for n in model.graph if n.op_type in (MHA, GQA)]
     assert node.attributes["num_heads"].value == N
-    if spec.packed and spec.kv_heads != N:  # Q/K/V of one length: grouped-query attention
-        assert node.op_type == GQA and node.attributes["kv_num_heads"].value == spec.kv_heads
-        assert [v.producer().op_type for v in node.inputs[:3]] == ["Split"] * 3
-        assert node.attributes["causal"].value == 0 and node.inputs[10] is not None
-    elif spec.kv_heads != N:  # rotary keeps no sequence length: the repeated K/V heads, 4-D
+    if spec.kv_heads == N:
         assert node.op_type == MHA
+    elif spec.packed or node.op_type == GQA:  # Q/K/V of one proven length: grouped-query
+        assert node.op_type == GQA and node.attributes["kv_num_heads"].value == spec.kv_heads
+        if spec.packed:  # the Split outputs, K/V un-repeated
+            assert [v.shape[-1] for v in node.inputs[:3]] == [E, D, D]
+        assert node.attributes["causal"].value == 0 and node.inputs[10] is not None
+    else:  # with rotary, when shape inference loses the lengths: the repeated K/V heads, 4-D
         assert [v.producer().op_type for v in node.inputs[1:3]] == ["Reshape", "Reshape"]
 
 
@@ -466,12 +468,12 @@ def test_attention_23_takes_grouped_query_heads_unrepeated(rng) -> None:
 
 
 def test_attention_23_with_rotary_gqa_is_4d(rng) -> None:
-    """Shape inference loses the sequence length through rotary: the causal mask stays added."""
+    """The causal mask becomes is_causal only where S == T is proven through rotary."""
     model = decoder(Decoder(kv_heads=1, rotary=True, opset=23), rng)
     assert fuse(model, rng, target="onnx-23").counts == {"attention": 1}
     (node,) = [n for n in model.graph if n.op_type == "Attention"]
     assert [v.shape[1] for v in node.inputs[1:3]] == [1, 1]  # one K/V head, not repeated
-    assert "is_causal" not in node.attributes and len(node.inputs) == 4
+    assert ("is_causal" in node.attributes) == (len(node.inputs) == 3)
 
 
 # --- (c) KV cache: the Concat stays outside, K/V go in 4-D ------------------------------------
