@@ -16,6 +16,7 @@ _BUILTIN: dict[str, str] = {
     "fuse-layer-norm": "onnxopt.passes.fuse_layer_norm",
     "fuse-rms-norm": "onnxopt.passes.fuse_rms_norm",
     "fuse-gelu": "onnxopt.passes.fuse_gelu",
+    "fuse-rotary": "onnxopt.passes.fuse_rotary",
     "fuse-attention": "onnxopt.passes.fuse_attention",
     "fuse-skip-layer-norm": "onnxopt.passes.fuse_skip_layer_norm",
     "fuse-bias": "onnxopt.passes.fuse_bias",
@@ -34,7 +35,7 @@ _ALIASES: dict[str, str] = {
     "simplify": "infer-shapes,fold-constants,fold-batchnorm,cleanup,infer-shapes",
     # Norms and GELU first (attention patterns see fused ops around them), then attention, then
     # the residual Adds into skip-norms, then what bias Adds are left.
-    "fuse": "simplify,fuse-layer-norm,fuse-rms-norm,fuse-gelu,fuse-attention,"
+    "fuse": "simplify,fuse-layer-norm,fuse-rms-norm,fuse-gelu,fuse-rotary,fuse-attention,"
     "fuse-skip-layer-norm,fuse-bias,cleanup",
 }
 _PASSES: dict[str, type[Pass]] = {}

@@ -12,7 +12,8 @@ from onnxopt import GoldenSet, Pipeline
 from onnxopt.passes.lower import LowerPass
 from onnxopt.targets import decompositions
 
-FLOAT, BOOL, INT32 = TensorProto.FLOAT, TensorProto.BOOL, TensorProto.INT32
+FLOAT, BOOL = TensorProto.FLOAT, TensorProto.BOOL
+INT32, INT64 = TensorProto.INT32, TensorProto.INT64
 
 
 def _model(
@@ -249,3 +250,75 @@ def test_packed_attention_lowered_to_opset_13(rng) -> None:
     assert entry.counts["Attention"] == 1 and lowered.opset_imports[""] == 13
     assert not any(n.domain == "com.microsoft" for n in lowered.graph.all_nodes())
     np.testing.assert_allclose(run(lowered, feeds)["y"], expected["y"], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_group_query_attention_without_cache(scale: float | None, rng) -> None:
+    """What fuse-attention writes for repeated K/V heads: no past, causal=0, a bias."""
+    batch, seq, heads, kv_heads, size = 2, 5, 4, 2, 16
+    inputs = {
+        "q": (FLOAT, [batch, seq, heads * size]),
+        "k": (FLOAT, [batch, seq, kv_heads * size]),
+        "v": (FLOAT, [batch, seq, kv_heads * size]),
+        "bias": (FLOAT, [batch, 1, seq, seq]),
+    }
+    names = ["q", "k", "v", "", "", "seqlens", "total", "", "", "", "bias"]
+    attrs = {"num_heads": heads, "kv_num_heads": kv_heads, "causal": 0}
+    attrs |= {} if scale is None else {"scale": scale}
+    node = helper.make_node("GroupQueryAttention", names, ["y"], domain="com.microsoft", **attrs)
+    graph = helper.make_graph(
+        [node],
+        "gqa",
+        [helper.make_tensor_value_info(n, t, s) for n, (t, s) in inputs.items()],
+        [helper.make_tensor_value_info("y", FLOAT, None)],
+        [
+            helper.make_tensor("seqlens", TensorProto.INT32, [batch], [seq - 1] * batch),
+            helper.make_tensor("total", TensorProto.INT32, [], [seq]),
+        ],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=opsets))
+    feeds = _feeds(inputs, rng)
+    feeds["bias"] = np.where(rng.random((batch, 1, seq, seq)) < 0.3, -1e4, 0).astype(np.float32)
+    assert_decomposes(model, feeds, "GroupQueryAttention", domain="com.microsoft")
+
+
+@pytest.mark.parametrize("positions", ["offset", "per-token"])
+def test_rotary_embedding(positions: str, rng) -> None:
+    batch, heads, seq, size, rows = 2, 3, 5, 8, 12
+    angles = rng.random((rows, size // 2)).astype(np.float32) * 3
+    inputs = {"x": (FLOAT, [batch, heads, seq, size])}
+    if positions == "offset":
+        ids = helper.make_tensor("pos", TensorProto.INT64, [1], [2])
+    else:
+        values = rng.integers(0, rows, (batch, seq))
+        ids = helper.make_tensor("pos", TensorProto.INT64, [batch, seq], values.ravel())
+    tables = [
+        ids,
+        helper.make_tensor("cos", FLOAT, list(angles.shape), np.cos(angles).ravel()),
+        helper.make_tensor("sin", FLOAT, list(angles.shape), np.sin(angles).ravel()),
+    ]
+    node = helper.make_node(
+        "RotaryEmbedding", ["x", "pos", "cos", "sin"], ["y"], domain="com.microsoft"
+    )
+    graph = helper.make_graph(
+        [node],
+        "rope",
+        [helper.make_tensor_value_info("x", FLOAT, inputs["x"][1])],
+        [helper.make_tensor_value_info("y", FLOAT, None)],
+        tables,
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=opsets))
+    assert_decomposes(model, _feeds(inputs, rng), "RotaryEmbedding", domain="com.microsoft")
+
+
+def test_interleaved_rotary_is_left_alone() -> None:
+    node = helper.make_node(
+        "RotaryEmbedding", ["x", "p", "c", "s"], ["y"], domain="com.microsoft", interleaved=1
+    )
+    inputs = {"x": (FLOAT, [1, 2, 3, 8]), "p": (INT64, [1]), "c": (FLOAT, [4, 4])}
+    inputs["s"] = (FLOAT, [4, 4])
+    rotary = next(iter(_model(node, inputs, opset=17, ms=True).graph))
+    (option,) = decompositions.decompositions("com.microsoft", "RotaryEmbedding")
+    assert "interleaved" in option.reason_not_applicable(rotary, 17)

@@ -16,6 +16,12 @@ both a mask and ``is_causal``; MultiHeadAttention with packed QKV/KV, bias, key_
 past or unidirectional (its key/value may be 3D or 4D BNSH); com.microsoft Attention without
 bias, with past, attention_bias, do_rotary, unequal qkv_hidden_sizes, or a mask_index that is
 not 2D (sequence lengths, 3D or 4D masks).
+
+com.microsoft GroupQueryAttention (as ``fuse-attention`` writes it): no past, ``causal=0``, an
+``attention_bias``; keys past ``seqlens_k[b]`` are masked and K/V heads repeated. Not covered:
+past state, ``do_rotary``, local windows, softcap, smooth softmax. com.microsoft
+RotaryEmbedding: 4-D ``[B, N, S, D]`` input, rotate-half (not interleaved), whole head, scale 1,
+positions an offset ``[1]`` or ``[B, S]``.
 """
 
 from __future__ import annotations
@@ -467,3 +473,110 @@ def packed_attention_mask_causal(
     bias_ = op.Where(_future(q, k), op.CastLike(NEG_INF, input), padding)  # causal wins
     scores = _scores(q, k, scale=scale) + bias_
     return _merge_heads(op.MatMul(op.Softmax(scores, axis=-1), v))
+
+
+def _gqa_applies(node: ir.Node) -> str | None:
+    given = [i for i, v in enumerate(node.inputs) if v is not None]
+    if any(i in given for i in (3, 4, 7, 8, 9)) or 10 not in given or max(given) > 10:
+        return "past state, rotary caches, position ids, no attention_bias or later inputs"
+    attrs = node.attributes
+    if (
+        attrs.get_int("causal", 1)
+        or attrs.get_int("do_rotary", 0)
+        or attrs.get_int("local_window_size", -1) != -1
+    ):
+        return "causal, do_rotary or a local window"
+    if (
+        attrs.get_float("softcap", 0.0)
+        or attrs.get_int("smooth_softmax", 0)
+        or attrs.get_int("qk_output", 0)
+    ):
+        return "softcap, smooth softmax or qk output"
+    return None
+
+
+@script(default_opset=op)
+def _repeat_kv(X, kv_num_heads: int, num_heads: int):
+    """[batch, kv_heads, seq, size] -> [batch, heads, seq, size], each K/V head repeated."""
+    kv = op.Constant(value_int=kv_num_heads)
+    times = op.Div(op.Constant(value_int=num_heads), kv)
+    shape = op.Shape(X)
+    wide = op.Concat(shape[0:2], op.Unsqueeze(times, [0]), shape[2:4], axis=0)
+    heads = op.Unsqueeze(op.Constant(value_int=num_heads), [0])
+    return op.Reshape(
+        op.Expand(op.Unsqueeze(X, [2]), wide), op.Concat(shape[0:1], heads, shape[2:4], axis=0)
+    )
+
+
+@register("com.microsoft", "GroupQueryAttention", applies=_gqa_applies)
+@script(default_opset=op)
+def group_query_attention(
+    query,
+    key,
+    value,
+    past_key,
+    past_value,
+    seqlens_k,
+    total_sequence_length,
+    cos_cache,
+    sin_cache,
+    position_ids,
+    attention_bias,
+    num_heads: int,
+    kv_num_heads: int,
+    scale: float = 0.0,
+):
+    """No cache, causal=0: keys past seqlens_k[b] masked, attention_bias added, K/V repeated."""
+    q = _heads(query, num_heads=num_heads)
+    present_key = _heads(key, num_heads=kv_num_heads)
+    present_value = _heads(value, num_heads=kv_num_heads)
+    k = _repeat_kv(present_key, kv_num_heads=kv_num_heads, num_heads=num_heads)
+    v = _repeat_kv(present_value, kv_num_heads=kv_num_heads, num_heads=num_heads)
+    keys = op.Range(0, op.Shape(key)[1], op.Constant(value_int=1))
+    valid = op.LessOrEqual(op.Unsqueeze(keys, [0]), op.Unsqueeze(op.Cast(seqlens_k, to=7), [1]))
+    padding = op.Unsqueeze(
+        op.Where(valid, op.CastLike(0.0, query), op.CastLike(NEG_INF, query)), [1, 2]
+    )
+    scores = _scores(q, k, scale=scale) + attention_bias + padding
+    return _merge_heads(_attend(scores, v)), present_key, present_value
+
+
+def _rotary_applies(node: ir.Node) -> str | None:
+    if node.inputs[0].shape is None or node.inputs[0].shape.rank() != 4:
+        return "input not known to be 4-D"
+    if any(
+        node.attributes.get_int(a, 0)
+        for a in ("interleaved", "rotary_embedding_dim", "is_packed_batching")
+    ):
+        return "interleaved, partial or packed"
+    return None if node.attributes.get_float("scale", 1.0) == 1.0 else "scale"
+
+
+@register("com.microsoft", "RotaryEmbedding", applies=_rotary_applies)
+@script(default_opset=op)
+def rotary_embedding(
+    input,
+    position_ids,
+    cos_cache,
+    sin_cache,
+    interleaved: int = 0,
+    num_heads: int = 0,
+    rotary_embedding_dim: int = 0,
+    scale: float = 1.0,
+    is_packed_batching: int = 0,
+):
+    """x*cos + rotate_half(x)*sin on [B, N, S, D]; position_ids an offset [1] or [B, S]."""
+    seq = op.Gather(op.Shape(input), 2)
+    offset = op.Slice(op.Reshape(position_ids, [-1]), [0], [1])
+    from_offset = op.Unsqueeze(
+        offset + op.Range(op.CastLike(0, seq), seq, op.CastLike(1, seq)), [0]
+    )
+    positions = op.Where(
+        op.Equal(op.Size(position_ids), 1), from_offset, op.Reshape(position_ids, [0, -1])
+    )
+    cos = op.Unsqueeze(op.Gather(cos_cache, positions), [1])
+    sin = op.Unsqueeze(op.Gather(sin_cache, positions), [1])
+    half = op.Slice(op.Shape(cos_cache), [1], [2])
+    x1 = op.Slice(input, [0], half, [3])
+    x2 = op.Slice(input, half, [9223372036854775807], [3])
+    return op.Concat(x1 * cos - x2 * sin, x2 * cos + x1 * sin, axis=-1)
