@@ -15,6 +15,7 @@ from onnxopt.passes.fuse_layer_norm import (
 )
 from onnxopt.passes.fuse_rms_norm import RMS_VARIANTS, match_rms, rms_pattern, rms_variant_name
 from onnxopt.registry import register_pass
+from onnxopt.symbolic_shapes import min_parts
 from onnxopt.targets import Target
 
 _MS = "com.microsoft"
@@ -27,21 +28,39 @@ def residual_order(a: ir.Value, b: ir.Value) -> tuple[ir.Value, ir.Value] | str:
 
     ORT (checked on 1.32) wants a 2-D or 3-D input and a skip of the same shape, or, for a
     3-D input ``[B, S, H]``, a skip of shape ``[1, S, H]`` or ``[S, H]``; the sum output has
-    the input's shape, so the operand with the full shape is the input.
+    the input's shape, so the operand with the full shape is the input. A skip row count
+    ``Min(c, S)`` (c >= 2; BERT's position embeddings, a prefix of a c-row table) counts as
+    ``S``: the Add fails unless they are equal (neither is 1 while they differ), and ORT's op
+    then fails too (it checks the skip's last two dims against the input's).
     """
     for inp, skip in ((a, b), (b, a)):
         if inp.shape is None or skip.shape is None or len(inp.shape) not in (2, 3):
             continue
-        if same_shape(inp.shape, skip.shape):
+        lead, rows = list(skip.shape)[:-2], list(skip.shape)[-2:]
+        if len(skip.shape) < 2 or not _rows_match(list(inp.shape)[-2:], rows):
+            continue
+        if len(skip.shape) == len(inp.shape) and same_shape(
+            ir.Shape(list(inp.shape)[:-2]), ir.Shape(lead)
+        ):
             return inp, skip
-        lead, rows = list(skip.shape)[:-2], ir.Shape(list(skip.shape)[-2:])
         broadcast = len(inp.shape) == 3 and len(skip.shape) in (2, 3)
-        if broadcast and all(d == 1 for d in lead) and same_shape(ir.Shape(inp.shape[1:]), rows):
+        if broadcast and all(d == 1 for d in lead):
             return inp, skip
     return (
         f"the residual operands {a.name} {a.shape} and {b.name} {b.shape} are neither of one "
         "2-D/3-D shape nor a 3-D [B,S,H] with a [1,S,H] or [S,H] skip"
     )
+
+
+def _rows_match(inp: list, skip: list) -> bool:
+    """The last two dims agree: equal, or the skip's rows ``Min(c, S)`` for input rows ``S``."""
+    if len(inp) != 2 or len(skip) != 2 or not same_dim(inp[1], skip[1]):
+        return False
+    if same_dim(inp[0], skip[0]):
+        return True
+    parts = min_parts(skip[0].value) if isinstance(skip[0], ir.SymbolicDim) else None
+    rows = inp[0].value if isinstance(inp[0], ir.SymbolicDim) else None
+    return parts is not None and rows is not None and parts[0] >= 2 and parts[1] == rows
 
 
 def vector_problem(value: ir.Value | np.ndarray | None, x: ir.Value, what: str) -> str | None:
@@ -245,7 +264,8 @@ class FuseSkipLayerNormPass(FusionPass):
     op's 4th output ``input_skip_bias_sum`` instead. It holds when: the norm is over the last
     axis only with float statistics and its mean / inverse std dev outputs unused; ``a`` and
     ``b`` have one 2-D or 3-D shape, or one is ``[B, S, H]`` and the other ``[1, S, H]`` or
-    ``[S, H]`` (what ORT's kernels accept); gamma, beta and bias are 1-D of the hidden size
+    ``[S, H]`` (what ORT's kernels accept; skip rows ``Min(c, S)`` count as ``S``, see
+    ``residual_order``); gamma, beta and bias are 1-D of the hidden size
     and of the input's dtype; no other value of the fused nodes is read elsewhere.
     """
 

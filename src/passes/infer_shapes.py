@@ -20,7 +20,8 @@ class InferShapesPass(Pass):
     """Annotate values with inferred types and shapes (counted as values that gained some).
 
     After ONNX inference, dims it made up (``unk__N``) that are provably a known dim (a Reshape
-    to a shape read from another value, a broadcast of agreeing dims) are renamed everywhere,
+    or Expand to a shape read from another value, a broadcast of agreeing dims, a Range up to
+    a dim, a Slice or padded Conv whose bounds give the length back) are renamed everywhere,
     so equal dims share one name (see ``onnxopt.symbolic_shapes``).
     """
 

@@ -10,6 +10,7 @@ from test_fuse_rms_norm import rms_nodes
 
 from onnxopt import GoldenSet, Pipeline, load
 from onnxopt.passes.fuse_skip_layer_norm import FuseSkipLayerNormPass
+from onnxopt.passes.infer_shapes import InferShapesPass
 
 FLOAT16 = TensorProto.FLOAT16
 SHAPE = [2, 3, 16]
@@ -219,16 +220,80 @@ def test_rms_normalization_node_after_a_residual() -> None:
     assert op_types(model) == ["SkipSimplifiedLayerNormalization", "Add"]
 
 
-# Residual Add + norm pairs the zoo models have, and how many fuse (see the report: the
-# TorchScript graphs name equal dims differently, so their shapes cannot be proven equal).
+def embeddings_model(rows: int = 4):
+    """BERT's embeddings: ``x + position_embeddings(position_ids[:, :seq])`` (a ``[1, rows]``
+    buffer, so ``Min(rows, seq)`` positions), then LayerNormalization."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "one"], ["seq"], axis=0),
+        helper.make_node("Unsqueeze", ["seq", "zero_axis"], ["end"]),
+        helper.make_node("Slice", ["ids", "zero_axis", "end", "one_axis"], ["positions"]),
+        helper.make_node("Gather", ["table", "positions"], ["pos"]),
+        helper.make_node("Add", ["x", "pos"], ["s"]),
+        helper.make_node("LayerNormalization", ["s", "gamma", "beta"], ["y"]),
+    ]
+    inits = {
+        "one": np.array(1, np.int64),
+        "zero_axis": np.array([0], np.int64),
+        "one_axis": np.array([1], np.int64),
+        "ids": np.arange(rows, dtype=np.int64)[None],
+        "table": np.linspace(-1, 1, rows * 16).astype(np.float32).reshape(rows, 16),
+        "gamma": np.linspace(0.5, 1.5, 16).astype(np.float32),
+        "beta": np.linspace(-0.2, 0.2, 16).astype(np.float32),
+    }
+    inputs = {"x": (FLOAT, ["batch", "seq", 16])}
+    return make_model(nodes, inputs, {"y": (FLOAT, ["batch", "seq", 16])}, inits)
+
+
+def _run_or_error(model, x: np.ndarray):
+    try:
+        return run(model, {"x": x})["y"]
+    except Exception as err:  # ORT's error, as the runner wraps it
+        assert "Non-zero status code" in str(err)
+        return "fails"
+
+
+def test_positions_cut_to_the_sequence_fuse_and_fail_where_the_add_fails() -> None:
+    """Min(4, seq) rows equal seq wherever the Add runs (seq <= 4); where it does not, ORT's
+    op fails too (it checks the skip's last two dims), so the fused model is exact."""
+    model = embeddings_model(rows=4)
+    xs = [
+        np.random.default_rng(s).standard_normal((2, s, 16)).astype(np.float32)
+        for s in (1, 3, 4, 5)
+    ]
+    before = [_run_or_error(model, x) for x in xs]
+    InferShapesPass()(model)
+    result = FuseSkipLayerNormPass()(model)
+    assert result.counts == {"skip-layer-norm": 1}
+    node = fused_node(model)
+    assert [v.name for v in node.inputs[:2]] == ["x", "pos"]
+    assert [str(d) for d in node.inputs[1].shape] == ["1", "Min(4, seq)", "16"]
+    after = [_run_or_error(model, x) for x in xs]
+    for old, new in zip(before[:3], after[:3], strict=True):
+        np.testing.assert_allclose(new, old, atol=1e-5, rtol=1e-3)
+    assert before[3] == after[3] == "fails"  # seq 5 > 4 rows
+
+
+def test_positions_of_a_one_row_table_do_not_fuse() -> None:
+    """Min(1, seq) is 1: the Add broadcasts it over any seq, ORT's op would refuse it."""
+    model = embeddings_model(rows=1)
+    InferShapesPass()(model)
+    result = FuseSkipLayerNormPass()(model)
+    assert not result.modified and "SkipLayerNormalization" not in op_types(model)
+    assert "are neither of one 2-D/3-D shape" in " ".join(result.misses)
+
+
+# Residual Add + norm pairs the zoo models have, and how many fuse (after simplify: the
+# TorchScript graphs' made-up dims are proven equal by infer-shapes, see symbolic_shapes).
 ZOO_EXPECTED = {
-    "bert_ts": ("skip-layer-norm", 4),  # + the embeddings' Add + LN (positions of unknown length)
-    "bert_dynamo": ("skip-layer-norm", 4),  # likewise (Min(64, seq) positions)
-    "gpt2_ts": ("skip-layer-norm", 2),  # 4 residual pairs and the embeddings
-    "gpt2_dynamo": ("skip-layer-norm", 5),  # 4 residual pairs and the embeddings ([1, S, H])
+    "bert_ts": ("skip-layer-norm", 5),  # 4 residual pairs and the embeddings (Min(64, seq))
+    "bert_dynamo": ("skip-layer-norm", 5),
+    "gpt2_ts": ("skip-layer-norm", 5),  # 4 residual pairs and the embeddings ([1, S, H])
+    "gpt2_dynamo": ("skip-layer-norm", 5),
+    "gpt2_kv_ts": ("skip-layer-norm", 5),
     "llama_ts": ("skip-simplified-layer-norm", 4),  # 4 residual pairs, 1 RMS norm without one
     "llama_dynamo": ("skip-simplified-layer-norm", 4),
-    "wav2vec2_ts": ("skip-layer-norm", 4),  # 4 residual pairs and the positional conv's Add
+    "wav2vec2_ts": ("skip-layer-norm", 5),  # 4 residual pairs and the positional conv's Add
     "wav2vec2_dynamo": ("skip-layer-norm", 5),
     "whisper_ts": ("skip-layer-norm", 5),  # 4 residual pairs and the positional embedding
     "whisper_dynamo": ("skip-layer-norm", 5),
