@@ -26,15 +26,7 @@ GROUPS = {
     "gelu": [f"{MS}Gelu", f"{MS}FastGelu", f"{MS}BiasGelu", f"{MS}QuickGelu", "Gelu"],  # + SiLU
 }
 # What each model cannot fuse yet, and why; strict, so a fix makes the test fail until removed.
-_EMBEDDINGS = "the position embeddings' sequence dim is not provably the input's (Min(64, seq))"
-_POS_CONV = "the positional conv's trailing Slice (SamePad) loses the sequence dim"
-KNOWN_MISSES: dict[tuple[str, str], str] = {
-    ("bert_ts.onnx", "skip-norm"): _EMBEDDINGS,
-    ("bert_dynamo.onnx", "skip-norm"): _EMBEDDINGS,
-    ("wav2vec2_ts.onnx", "skip-norm"): _POS_CONV,
-    ("gpt2_ts.onnx", "skip-norm"): "the causal-mask Expand loses the batch dim of the attention",
-    ("gpt2_kv_ts.onnx", "skip-norm"): "the causal-mask Expand loses the batch dim of the attention",
-}
+KNOWN_MISSES: dict[tuple[str, str], str] = {}  # none left on the zoo
 
 
 def _silu_count(name: str) -> int:
