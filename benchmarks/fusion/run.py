@@ -24,6 +24,11 @@ Usage (with the onnxopt environment; ``--torch-python`` builds the bench-size zo
     python benchmarks/fusion/run.py                                  # the tiny zoo in golden/zoo
     python benchmarks/fusion/run.py --torch-python /work/torchvenv/bin/python   # bench sizes
     python benchmarks/fusion/run.py --zoo DIR --models bert gpt2 --repeat 20 --json out.json
+    python benchmarks/fusion/run.py --models minilm --torch-python /work/torchvenv/bin/python
+
+``minilm`` (only when named in ``--models``): sentence-transformers' all-MiniLM-L6-v2 with its real
+weights, both exporters (``benchmarks/real_models.py``, built into ``--real-cache`` on first
+use), run on 50 tokenized English sentences instead of random ids; ORT's model type ``bert``.
 """
 
 from __future__ import annotations
@@ -46,6 +51,10 @@ import onnxruntime as ort
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import real_models  # noqa: E402
+
 TOOLS = ("onnxopt", "ort", "onnxscript", "onnxsim", "onnxslim")
 # onnxruntime.transformers model_type per zoo model.
 ORT_MODEL_TYPE = {
@@ -59,7 +68,10 @@ ORT_MODEL_TYPE = {
     "gpt2_kv": "gpt2",
     "llama": "qwen3",  # ORT's decoder-only type with RoPE, GQA and RMSNorm
     "llama_kv": "qwen3",
+    "minilm": "bert",
 }
+# Real-weight models from benchmarks/real_models.py: not in the zoo, run only when named.
+REAL_MODELS = ("minilm",)
 # Fused ops counted in every output, with the short label the table prints.
 FUSED = {
     "com.microsoft::Attention": "Attn",
@@ -340,7 +352,8 @@ def case_for(entry: dict, zoo: Path) -> dict:
 def measure(entry: dict, zoo: Path, tools: list[str], args, workdir: Path) -> dict:
     src = zoo / entry["file"]
     case = case_for(entry, zoo)
-    feeds = make_feeds(src, entry, case)
+    # Real-weight models come with real inputs (tokenized sentences) saved beside them.
+    feeds = real_models.load_tokens(zoo) if entry.get("feeds") else make_feeds(src, entry, case)
     base_model = onnx.load(str(src), load_external_data=False)
     result: dict[str, Any] = {
         "model": entry["model"],
@@ -491,6 +504,29 @@ def compact_table(results: list[dict], tools: list[str], ratio_key: str = "off@1
     return "\n".join(lines)
 
 
+def select_zoo(args, models: list[str] | None) -> Path:
+    """``--zoo``; else the bench zoo (built first when missing) with ``--torch-python``; else
+    the tiny zoo in golden/zoo."""
+    zoo = args.zoo
+    if zoo is None and args.torch_python:
+        zoo = args.cache
+        if args.rebuild or not (zoo / "manifest.json").exists():
+            from_models = models or [
+                "bert",
+                "whisper",
+                "wav2vec2",
+                "conformer",
+                "conformer_rotary",
+                "parakeet",
+                "gpt2",
+                "gpt2_kv",
+                "llama",
+                "llama_kv",
+            ]
+            build_zoo(args.torch_python, zoo, from_models)
+    return zoo or REPO / "golden" / "zoo"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--child":
@@ -514,6 +550,12 @@ def main(argv: list[str] | None = None) -> int:
         help="where the bench zoo is built",
     )
     parser.add_argument("--rebuild", action="store_true", help="rebuild the bench zoo")
+    parser.add_argument(
+        "--real-cache",
+        type=Path,
+        default=real_models.DEFAULT_CACHE,
+        help="where benchmarks/real_models.py builds the real-weight models (minilm)",
+    )
     parser.add_argument("--models", nargs="*", default=None)
     parser.add_argument("--exporters", nargs="*", default=["ts", "dynamo"])
     parser.add_argument("--tools", nargs="*", default=list(TOOLS), choices=TOOLS)
@@ -538,38 +580,33 @@ def main(argv: list[str] | None = None) -> int:
         print(compact_table(data["results"], tools))
         return 0
 
-    zoo = args.zoo
-    if zoo is None and args.torch_python:
-        zoo = args.cache
-        if args.rebuild or not (zoo / "manifest.json").exists():
-            from_models = args.models or [
-                "bert",
-                "whisper",
-                "wav2vec2",
-                "conformer",
-                "conformer_rotary",
-                "parakeet",
-                "gpt2",
-                "gpt2_kv",
-                "llama",
-                "llama_kv",
-            ]
-            build_zoo(args.torch_python, zoo, from_models)
-    zoo = zoo or REPO / "golden" / "zoo"
-    entries = [
-        e
-        for e in zoo_entries(zoo)
-        if (not args.models or e["model"] in args.models) and e["exporter"] in args.exporters
-    ]
-    if not entries:
+    zoo_models = None if args.models is None else [m for m in args.models if m not in REAL_MODELS]
+    real = [m for m in REAL_MODELS if args.models and m in args.models]
+    pairs = []
+    if zoo_models or not real:
+        zoo = select_zoo(args, zoo_models)
+        pairs += [
+            (e, zoo)
+            for e in zoo_entries(zoo)
+            if (not zoo_models or e["model"] in zoo_models) and e["exporter"] in args.exporters
+        ]
+    if real:
+        folder = real_models.ensure(args.real_cache, args.torch_python)
+        zoo = folder
+        pairs += [
+            (e, folder)
+            for e in zoo_entries(folder)
+            if e["model"] in real and e["exporter"] in args.exporters
+        ]
+    if not pairs:
         print(f"no models in {zoo}", file=sys.stderr)
         return 2
     args.workdir.mkdir(parents=True, exist_ok=True)
     results = []
     start = time.perf_counter()
-    for entry in entries:
+    for entry, where in pairs:
         t0 = time.perf_counter()
-        res = measure(entry, zoo, args.tools, args, args.workdir)
+        res = measure(entry, where, args.tools, args, args.workdir)
         results.append(res)
         summary = "; ".join(
             f"{t}: {fmt_counts(r.get('fused', {}))}" if r.get("tool_ok") else f"{t}: n/a"
