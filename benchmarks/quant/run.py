@@ -47,6 +47,7 @@ import contextlib
 import io
 import json
 import logging
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -66,6 +67,7 @@ TOOLS = [
     "onnxopt-int4-kquant-asym",
     "onnxopt-int8",
     "onnxopt-int8-dyn",
+    "onnxopt-int4+emb8",
     "ort-rtn",
     "ort-kquant",
     "ort-default",
@@ -74,6 +76,9 @@ TOOLS = [
 BIG_TOOLS = ["onnxopt-int4-rtn", "onnxopt-int4-kquant", "ort-rtn", "ort-kquant", "ort-default"]
 DEFAULT_MODELS = ["whisper", "stack"]
 REAL_MODELS = ["minilm-ts", "minilm-dynamo"]
+# A Conformer encoder (transformers' FastConformer/Parakeet at the fusion zoo's bench size,
+# random weights), built with benchmarks/fusion/zoo.py and --torch-python.
+ZOO_MODELS = {"parakeet": ("parakeet_ts.onnx", {"input_features": (1, 400, 80)})}
 
 
 # ---------------------------------------------------------------- the tools (child processes)
@@ -84,18 +89,22 @@ def run_tool(tool: str, source: Path, out: Path) -> None:
     large = big_model.model_size(source) > 1 << 30
     if tool.startswith("onnxopt"):
         from onnxopt import model_io
+        from onnxopt.passes.quant_embeddings import QuantEmbeddingsPass
         from onnxopt.passes.quant_int4 import QuantInt4Pass
         from onnxopt.passes.quant_int8 import QuantInt8Pass
 
         passes = {
-            "onnxopt-int4-rtn": QuantInt4Pass(algo="rtn"),
-            "onnxopt-int4-kquant": QuantInt4Pass(algo="kquant"),
-            "onnxopt-int4-kquant-asym": QuantInt4Pass(algo="kquant", symmetric=False),
-            "onnxopt-int8": QuantInt8Pass(),
-            "onnxopt-int8-dyn": QuantInt8Pass(format="dynamic"),
+            "onnxopt-int4-rtn": [QuantInt4Pass(algo="rtn")],
+            "onnxopt-int4-kquant": [QuantInt4Pass(algo="kquant")],
+            "onnxopt-int4-kquant-asym": [QuantInt4Pass(algo="kquant", symmetric=False)],
+            "onnxopt-int8": [QuantInt8Pass()],
+            "onnxopt-int8-dyn": [QuantInt8Pass(format="dynamic")],
+            # Embedding tables (Gather) in 8 bits too, then the MatMuls in 4.
+            "onnxopt-int4+emb8": [QuantEmbeddingsPass(bits=8), QuantInt4Pass(algo="kquant")],
         }
         model = model_io.load(source)
-        passes[tool](model)
+        for pass_ in passes[tool]:
+            pass_(model)
         model_io.save(model, out, external_data=large)
         return
     logging.disable(logging.WARNING)
@@ -145,6 +154,11 @@ def prepare_models(names: list[str], args) -> dict[str, tuple[Path, dict[str, np
         name: (path, {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()})
         for name, (path, shapes) in models.items()
     }
+    for name in [n for n in ZOO_MODELS if n in names]:
+        file, shapes = ZOO_MODELS[name]
+        path = _zoo_model(name, file, args.torch_python)
+        feeds = {k: rng.standard_normal(shape).astype(np.float32) for k, shape in shapes.items()}
+        prepared[name] = (path, feeds)
     real = [n for n in REAL_MODELS if n in names]
     if real:
         folder = real_models.ensure(args.cache, args.torch_python)
@@ -153,6 +167,17 @@ def prepare_models(names: list[str], args) -> dict[str, tuple[Path, dict[str, np
             exporter = name.split("-", 1)[1]
             prepared[name] = (folder / f"minilm_{exporter}.onnx", tokens)
     return prepared
+
+
+def _zoo_model(name: str, file: str, torch_python: str | None) -> Path:
+    """A bench-size fusion-zoo export under WORK, built once with a Python that has torch."""
+    path = WORK / "zoo" / file
+    if not path.exists():
+        zoo = ROOT / "benchmarks" / "fusion" / "zoo.py"
+        command = [torch_python or sys.executable, str(zoo), "--size", "bench", "--no-golden"]
+        command += ["--out", str(path.parent), "--models", name, "--exporters", "ts"]
+        subprocess.run(command, check=True)
+    return path
 
 
 # ---------------------------------------------------------------- measurements
@@ -318,14 +343,15 @@ def main() -> None:
     parser.add_argument(
         "--models",
         nargs="*",
-        choices=[*DEFAULT_MODELS, "big-2.4GB", *REAL_MODELS],
+        choices=[*DEFAULT_MODELS, "big-2.4GB", *ZOO_MODELS, *REAL_MODELS],
         help=f"default: {' '.join(DEFAULT_MODELS)} (with --big: and big-2.4GB)",
     )
     parser.add_argument(
         "--cache", type=Path, default=real_models.DEFAULT_CACHE, help="real-weight models"
     )
     parser.add_argument(
-        "--torch-python", help="a Python with torch and transformers to build the MiniLM exports"
+        "--torch-python",
+        help="a Python with torch and transformers to build the MiniLM and parakeet exports",
     )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
