@@ -1,8 +1,10 @@
 """ORT CPU latency of quant-int4 / quant-int8 variants against fp32, on speech-encoder shapes.
 
-Run it (``--quick``: about 10 minutes on 2 shared cores; the full set about 40)::
+Run it (times on 2 shared cores; results and conclusions in ``LATENCY.md`` beside this file)::
 
-    /work/venv/bin/python benchmarks/quant/latency.py [--quick] [--json /tmp/latency.json]
+    /work/venv/bin/python benchmarks/quant/latency.py [--json /tmp/latency.json]  # 5-15 min
+    /work/venv/bin/python benchmarks/quant/latency.py --cases tiny-30s --quick     # 5-10 min
+    /work/venv/bin/python benchmarks/quant/latency.py --sweep                      # ~3 min
 
 Models (torch 2.13, random weights, TorchScript export at opset 17, built once into ``--work``):
 
@@ -10,6 +12,8 @@ Models (torch 2.13, random weights, TorchScript export at opset 17, built once i
   end, pre-LN transformer, exact GELU) at d_model 384 / 512, 6 / 8 heads, FFN 1536 / 2048, 4 / 6
   layers, 1500 positions. Run on a streaming chunk (``mel`` 300 frames -> 150 rows per MatMul)
   and, for tiny, on a full 30 s window (3000 -> 1500 rows).
+- ``ffn-K{K}-M{rows}`` (``--sweep``): ``MatMul(Relu(MatMul(x, W1[K, 4K])), W2[4K, K])`` in
+  onnx.helper, K 256/384/512, 1-1500 rows.
 - ``conformer``: 6 Conformer-like blocks (half-step SiLU FFNs, self-attention, a conv module of
   pointwise Conv1d, GLU, depthwise Conv1d k=15, BatchNorm, SiLU), d_model 256, 4 heads, FFN 1024,
   behind a Linear 80 -> 256 front end; 250 frames (10 s after 4x subsampling).
@@ -19,16 +23,17 @@ Variants (onnxopt pipelines, built with ``onnxopt.optimize(..., verify=False)``)
 ``quant-int4(ops=[MatMul,Gemm])`` (Conv left in float); ``fuse,quant-int4``; ``quant-int8``
 (8-bit MatMulNBits, level 4) and ``quant-int8(format=dynamic)``; ``ort-default``: ORT's
 ``MatMulNBitsQuantizer`` with every argument at its default (block 128, asymmetric, no
-accuracy_level). All 4-bit variants use ``algo=rtn`` only to build faster: ``kquant`` (the default)
-writes the same tensors' shapes and dtypes (symmetric, no zero points), so the kernel and its
-latency are the same.
+accuracy_level). Only through ``--variants``: ``int4-L4-b256``, ``int8-L4-b128``, ``simplify``
+and ``fuse`` with one fusion left out (``fuse-no-*``). All 4-bit variants use ``algo=rtn`` only
+to build faster: ``kquant`` (the default) writes the same tensors' shapes and dtypes (symmetric,
+no zero points), so the kernel and its latency are the same.
 
 Method: per (model, threads), one ORT session per variant (``onnxopt.latency.session_options``:
 ORT_ENABLE_ALL, ``threads`` intra-op threads), 3 warm-up runs each, then ``--runs`` timed runs
 per variant, interleaved run by run (each step runs every variant once, in a new random order), so
 load from other users hits all variants alike. A round gives each variant's median and its ratio
 to fp32's median; ``--rounds`` rounds (new sessions each) give the ratio's median and its spread
-(min-max across rounds).
+(min-max across rounds). ``SNR dB``: each variant's output against fp32's on the same input.
 """
 
 from __future__ import annotations
@@ -60,12 +65,25 @@ VARIANTS = {
     },
     "int4-L4-b256": INT4.format(level=4, block=256),
     "int4-L4-b32-noconv": "quant-int4(algo=rtn,ops=[MatMul,Gemm])",
-    "fuse,int4-L4-b32": "fuse,quant-int4(algo=rtn)",
+    "fuse+int4-L4-b32": "fuse,quant-int4(algo=rtn)",
     "int8-L4-b32": "quant-int8",
+    "int8-L4-b128": "quant-int8(block=128)",
     "int8-dynamic": "quant-int8(format=dynamic)",
     "ort-default": "ort",
 }
-QUICK = ["fp32", "fuse", "int4-L0-b32", "int4-L4-b32", "int4-L4-b128", "fuse,int4-L4-b32"]
+MAIN = [v for v in VARIANTS if v not in ("int4-L4-b256", "int8-L4-b128")]
+FUSE = "simplify,fuse-layer-norm,fuse-rms-norm,fuse-gelu,fuse-rotary,fuse-attention,"
+FUSE += "fuse-skip-layer-norm,fuse-bias,cleanup"
+# --variants only: which part of `fuse` changes latency
+VARIANTS |= {
+    "simplify": "simplify",
+    "fuse-no-attention": FUSE.replace("fuse-attention,", ""),
+    "fuse-no-gelu": FUSE.replace("fuse-gelu,", ""),
+    "fuse-no-skip-bias": FUSE.replace("fuse-skip-layer-norm,fuse-bias,", ""),
+    "fuse-no-skip": FUSE.replace("fuse-skip-layer-norm,", ""),
+    "fuse-no-bias": FUSE.replace("fuse-bias,", ""),
+}
+QUICK = ["fp32", "fuse", "int4-L0-b32", "int4-L4-b32", "int4-L4-b128", "fuse+int4-L4-b32"]
 QUICK += ["int8-L4-b32", "int8-dynamic", "ort-default"]
 SWEEP = ["fp32", "int4-L0-b32", "int4-L4-b32", "int4-L4-b128", "int4-L4-b256", "int8-L4-b32"]
 SWEEP += ["int8-dynamic", "ort-default"]
@@ -335,7 +353,7 @@ def main() -> None:
         action="store_true",
         help=f"FFN pairs K x 4K, K {FFN_K}, rows {FFN_ROWS}; variants {' '.join(SWEEP)}",
     )
-    parser.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=MAIN)
     parser.add_argument("--quick", action="store_true", help=f"variants {' '.join(QUICK)}")
     parser.add_argument("--threads", nargs="*", type=int, default=[1, 2])
     parser.add_argument("--runs", type=int, default=20, help="timed runs per variant per round")
