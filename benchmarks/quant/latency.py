@@ -66,6 +66,7 @@ VARIANTS = {
     "int4-L4-b256": INT4.format(level=4, block=256),
     "int4-L4-b32-noconv": "quant-int4(algo=rtn,ops=[MatMul,Gemm])",
     "fuse+int4-L4-b32": "fuse,quant-int4(algo=rtn)",
+    "fuse+int4-L4-b128": "fuse,quant-int4(algo=rtn,block=128)",
     "int8-L4-b32": "quant-int8",
     "int8-L4-b128": "quant-int8(block=128)",
     "int8-dynamic": "quant-int8(format=dynamic)",
