@@ -20,8 +20,9 @@ Models (torch 2.13, random weights, TorchScript export at opset 17, built once i
 
 Variants (onnxopt pipelines, built with ``onnxopt.optimize(..., verify=False)``):
 ``fp32``; ``fuse``; ``quant-int4(accuracy_level=L, block=B)`` for L in 0/1/4 and B in 32/64/128;
-``quant-int4(ops=[MatMul,Gemm])`` (Conv left in float); ``fuse,quant-int4``; ``quant-int8``
-(8-bit MatMulNBits, level 4) and ``quant-int8(format=dynamic)``; ``ort-default``: ORT's
+``quant-int4(ops=[MatMul,Gemm])`` (Conv left in float); ``fuse,quant-int4`` (block 32 and
+128); ``quant-int8`` (8-bit MatMulNBits, level 4) and ``quant-int8(format=dynamic)``;
+``ort-default``: ORT's
 ``MatMulNBitsQuantizer`` with every argument at its default (block 128, asymmetric, no
 accuracy_level). Only through ``--variants``: ``int4-L4-b256``, ``int8-L4-b128``, ``simplify``
 and ``fuse`` with one fusion left out (``fuse-no-*``). All 4-bit variants use ``algo=rtn`` only
