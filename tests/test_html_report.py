@@ -473,7 +473,9 @@ def test_real_report_renders_in_chromium(tmp_path: Path) -> None:
     _, weights_box = pixels_of(image, html_report.WEIGHTS_COLOR)
     _, latency_box = pixels_of(image, html_report.LATENCY_COLOR)
     _, layers_box = pixels_of(image, PRECISION_COLORS["int4"])
-    assert weights_box[2] < latency_box[0] and abs(weights_box[3] - latency_box[3]) < 120
+    # Side by side: the latency line (its height follows the data) overlaps the bars' rows.
+    assert weights_box[2] < latency_box[0]
+    assert latency_box[1] < weights_box[3] and latency_box[3] > weights_box[1]
     assert layers_box[1] > weights_box[3] and layers_box[2] - layers_box[0] > 800
 
 
