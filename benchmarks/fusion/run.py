@@ -313,18 +313,9 @@ def max_abs_error(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
 # ----------------------------------------------------------------------------- driver
 
 
-def build_zoo(torch_python: str, out: Path, models: list[str]) -> None:
-    cmd = [
-        torch_python,
-        str(HERE / "zoo.py"),
-        "--size",
-        "bench",
-        "--out",
-        str(out),
-        "--no-golden",
-        "--models",
-        *models,
-    ]
+def build_zoo(torch_python: str, out: Path, models: list[str] | None) -> None:
+    cmd = [torch_python, str(HERE / "zoo.py"), "--size", "bench", "--out", str(out), "--no-golden"]
+    cmd += ["--models", *models] if models else []
     print("building the bench zoo:", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=False)
 
@@ -511,19 +502,7 @@ def select_zoo(args, models: list[str] | None) -> Path:
     if zoo is None and args.torch_python:
         zoo = args.cache
         if args.rebuild or not (zoo / "manifest.json").exists():
-            from_models = models or [
-                "bert",
-                "whisper",
-                "wav2vec2",
-                "conformer",
-                "conformer_rotary",
-                "parakeet",
-                "gpt2",
-                "gpt2_kv",
-                "llama",
-                "llama_kv",
-            ]
-            build_zoo(args.torch_python, zoo, from_models)
+            build_zoo(args.torch_python, zoo, models)  # None: zoo.py builds all
     return zoo or REPO / "golden" / "zoo"
 
 
