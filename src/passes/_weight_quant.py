@@ -64,15 +64,7 @@ class WeightQuantPass(Pass):
 
     def call(self, model: ir.Model) -> PassResult:
         result = PassResult(model, False)
-        targets = self.find(model, result)
-        if not targets:
-            return result
-        if not self.prepare(model, result):
-            return result
-        if result.modified:  # an opset conversion may have replaced nodes: look again
-            result.counts = {k: v for k, v in result.counts.items() if not k.startswith("skip")}
-            result.misses, result.notes = [], []
-            targets = self.find(model, result)
+        targets = find_prepared(self, model, result)
         before = after = 0
         for target in targets:
             tensor = target.weight.const_value
@@ -193,6 +185,22 @@ def _weight_of(node: ir.Node) -> tuple[ir.Value, bool, str] | None:
     if source is None or source.const_value is None or len(source.const_value.shape) != 2:
         return None
     return (source, True, "matmul-transposed") if perm in (None, [1, 0], (1, 0)) else None
+
+
+def find_prepared(pass_: Pass, model: ir.Model, result: PassResult) -> list[WeightSite]:
+    """``pass_.find`` then ``pass_.prepare``; found again when preparing changed the model.
+
+    An opset conversion may replace nodes, so skips and notes are counted afresh. Returns []
+    when there is nothing to do or ``prepare`` refused (with a note).
+    """
+    targets = pass_.find(model, result)
+    if not targets or not pass_.prepare(model, result):
+        return []
+    if result.modified:
+        result.counts = {k: v for k, v in result.counts.items() if not k.startswith("skip")}
+        result.misses, result.notes = [], []
+        targets = pass_.find(model, result)
+    return targets
 
 
 def _conv_skip_reason(node: ir.Node, tensor: ir.TensorProtocol) -> tuple[str, str]:

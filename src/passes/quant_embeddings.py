@@ -20,6 +20,7 @@ from onnxopt.passes._weight_quant import (
     WeightSite,
     add_initializer,
     drop_if_unused,
+    find_prepared,
     owner,
     replace_node,
     require_opset,
@@ -81,18 +82,9 @@ class QuantEmbeddingsPass(Pass):
 
     def call(self, model: ir.Model) -> PassResult:
         result = PassResult(model, False)
-        targets = self.find(model, result)
+        targets = find_prepared(self, model, result)
         if not targets:
             return result
-        if self.format == "qdq":
-            if not require_opset(model, 21, result):
-                return result
-            if result.modified:  # the opset conversion may have replaced nodes: look again
-                result.misses, result.notes = [], []
-                result.counts = {"opset": result.counts["opset"]}
-                targets = self.find(model, result)
-        else:
-            model.opset_imports.setdefault(MS_DOMAIN, 1)
         before = after = 0
         for target in targets:
             tensor = target.weight.const_value
@@ -116,6 +108,13 @@ class QuantEmbeddingsPass(Pass):
                 f"{result.counts['tied-kept']} float tables kept: other nodes still read them"
             )
         return result
+
+    def prepare(self, model: ir.Model, result: PassResult) -> bool:
+        """The opset the format needs; False (with a note) when the model cannot have it."""
+        if self.format == "qdq":
+            return require_opset(model, 21, result)
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
+        return True
 
     def find(self, model: ir.Model, result: PassResult) -> list[WeightSite]:
         """The tables to quantize, each with the Gathers that read it; skips are counted."""
