@@ -162,15 +162,16 @@ def pass_listing() -> dict[str, Any]:
         cls = registry.get_pass(name)
         assert cls is not None
         hints = typing.get_type_hints(cls)
-        options = [
-            {
-                "name": f.name,
-                "type": _type_name(hints[f.name]),
-                "default": None if default is dataclasses.MISSING else default,
-            }
-            for f in cls.options()
-            for default in [option_default(f)]
-        ]
+        options = []
+        for f in cls.options():
+            default = option_default(f)
+            options.append(
+                {
+                    "name": f.name,
+                    "type": _type_name(hints[f.name]),
+                    "default": None if default is dataclasses.MISSING else default,
+                }
+            )
         passes.append(
             {"name": name, "kind": cls.kind, "summary": cls.summary(), "options": options}
         )
